@@ -1,0 +1,112 @@
+"""Check a composed config before any heavy work, and build the Lightning pieces it names.
+
+Hydra already refuses unknown keys (struct mode); what it cannot know is which Trainer arguments,
+metric keys and ``_target_`` classes are valid, so that is checked here, each failure naming its key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.errors import FinetuneError, close_matches
+
+log = logging.getLogger(__name__)
+
+# Everything the LightningModule logs; monitors must name one of these.
+LOGGED_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
+# Keys of a scheduler config that Lightning reads (the rest goes to the scheduler class).
+LIGHTNING_SCHEDULER_KEYS = ("monitor", "interval", "frequency")
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """cfg.run_dir, else Hydra's output dir, else a fresh outputs/<time> folder (library calls)."""
+    if cfg.get("run_dir"):
+        path = Path(cfg.run_dir)
+    elif HydraConfig.initialized():
+        path = Path(HydraConfig.get().runtime.output_dir)
+    else:
+        from datetime import datetime
+
+        path = Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def _check_monitor(key: str, value: Any) -> None:
+    if value not in LOGGED_METRICS:
+        raise FinetuneError(
+            f"{key}={value} is not a metric that training logs; choose one of {', '.join(LOGGED_METRICS)}."
+            f"{close_matches(str(value), LOGGED_METRICS)}"
+        )
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Fail fast on values Hydra cannot check: Trainer arguments, monitored keys, targets."""
+    trainer_args = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
+    for key in cfg.trainer:
+        if key not in trainer_args:
+            raise FinetuneError(
+                f"trainer.{key} is not an argument of lightning.pytorch.Trainer.{close_matches(str(key), trainer_args)} "
+                f"Remove it or use one of the Trainer's arguments."
+            )
+    _check_monitor("monitor", cfg.monitor)
+    if cfg.monitor_mode not in ("min", "max"):
+        raise FinetuneError(f"monitor_mode={cfg.monitor_mode} must be min or max.")
+    for name, cb in (cfg.get("callbacks") or {}).items():
+        if cb is not None and cb.get("monitor") is not None:
+            _check_monitor(f"callbacks.{name}.monitor", cb.monitor)
+    if cfg.scheduler.get("_target_") and cfg.scheduler.get("monitor") is not None:
+        _check_monitor("scheduler.monitor", cfg.scheduler.monitor)
+    for key in ("batch_size",):
+        if not (isinstance(cfg.data[key], int) and cfg.data[key] > 0):
+            raise FinetuneError(f"data.{key}={cfg.data[key]} must be a positive integer.")
+    for key in ("val_fraction", "test_fraction"):
+        if not 0 <= float(cfg.data[key]) < 1:
+            raise FinetuneError(f"data.{key}={cfg.data[key]} must be in [0, 1).")
+    if float(cfg.data.val_fraction) + float(cfg.data.test_fraction) >= 1:
+        raise FinetuneError("data.val_fraction + data.test_fraction must leave training images (sum < 1).")
+
+
+def instantiate_named(group: str, node: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a ``{name: {_target_: ...}}`` group (callbacks, loggers)."""
+    out = []
+    for name, item in (node or {}).items():
+        if item is None or not item.get("_target_"):
+            continue
+        try:
+            out.append(instantiate(item))
+        except InstantiationException as e:
+            cause = e.__cause__ or e
+            if isinstance(cause, ModuleNotFoundError):
+                raise FinetuneError(
+                    f"{group}.{name} needs the package '{cause.name}', which is not installed: "
+                    f"`pip install {cause.name}` (or the finetune[{name}] extra), or choose another {group}."
+                ) from None
+            raise FinetuneError(f"{group}.{name} could not be built: {str(cause).splitlines()[0]}") from None
+    return out
+
+
+def build_optimizer_and_scheduler(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """(optimizer partial, scheduler partial or None, Lightning's scheduler options)."""
+    try:
+        optimizer = instantiate(cfg.optimizer)
+    except InstantiationException as e:
+        raise FinetuneError(f"optimizer could not be built: {str(e.__cause__ or e).splitlines()[0]}") from None
+    sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    if not sched_cfg.get("_target_"):
+        return optimizer, None, {}
+    options = {k: sched_cfg.pop(k) for k in LIGHTNING_SCHEDULER_KEYS if k in sched_cfg}
+    try:
+        scheduler = instantiate(sched_cfg)
+    except InstantiationException as e:
+        raise FinetuneError(f"scheduler could not be built: {str(e.__cause__ or e).splitlines()[0]}") from None
+    return optimizer, scheduler, options

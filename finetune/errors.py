@@ -1,0 +1,22 @@
+"""User-facing errors: one paragraph that names the key or path and says how to fix it.
+
+The CLI turns a :class:`FinetuneError` into that paragraph on stderr and exit status 2, never a
+traceback. Everything else that escapes is a bug in finetune, and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class FinetuneError(Exception):
+    """An error caused by the user's input (config, files, checkpoint), with a fix in its text."""
+
+    exit_code = 2
+
+
+def close_matches(word: str, choices: Iterable[str], n: int = 5) -> str:
+    """'did you mean ...' text for an unknown name, or '' when nothing is close."""
+    matches = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
+    return f" Did you mean: {', '.join(matches)}?" if matches else ""

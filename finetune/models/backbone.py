@@ -1,0 +1,112 @@
+"""Create a timm backbone with its pretrained weights and a fresh head for the dataset's classes.
+
+Weights (``model.weights``):
+- ``auto``: the bundled offline weights where the backbone has them (tf_efficientnet_lite0), else hub;
+- ``hub``: timm's own download from the Hugging Face hub / URL (needs internet);
+- ``offline``: the bundled EfficientNet-Lite0 ImageNet weights (no internet needed);
+- ``none``: random initialisation (training from scratch);
+- a path to a ``.safetensors`` / ``.pth`` / ``.bin`` file in timm's layout, loaded by timm itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+from finetune.errors import FinetuneError, close_matches
+from finetune.models.offline_weights import OFFLINE_ARCHITECTURE, lite0_state_dict_for
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SOURCES = ("auto", "hub", "offline", "none")
+LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What it takes to rebuild the network without any weights download (stored in checkpoints)."""
+
+    name: str
+    num_classes: int
+    kwargs: dict[str, Any]
+
+    def build(self) -> nn.Module:
+        return timm.create_model(self.name, pretrained=False, num_classes=self.num_classes, **self.kwargs)
+
+
+def check_backbone_name(name: str, key: str = "model.backbone") -> None:
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise FinetuneError(
+            f"{key}={name} is not a timm model.{close_matches(str(name), timm.list_models())} "
+            f"List the choices with `python -c \"import timm; print(timm.list_models('*{str(name)[:4]}*'))\"`."
+        )
+
+
+def _weight_source(name: str, weights: str | None) -> str:
+    weights = "none" if weights in (None, False, "") else str(weights)
+    if weights == "auto":
+        return "offline" if name.split(".")[0] == OFFLINE_ARCHITECTURE else "hub"
+    if weights in WEIGHT_SOURCES:
+        return weights
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FinetuneError(
+            f"model.weights={weights} is neither one of {', '.join(WEIGHT_SOURCES)} nor an existing file. "
+            f"Pass a {'/'.join(LOCAL_WEIGHT_SUFFIXES)} file in timm's key layout, or one of the sources."
+        )
+    return "file"
+
+
+def create_backbone(name: str, weights: str | None, num_classes: int, **kwargs: Any) -> tuple[nn.Module, BackboneSpec, str]:
+    """The network with a new ``num_classes`` head, its rebuild spec, and where its weights came from."""
+    check_backbone_name(name)
+    source = _weight_source(name, weights)
+    spec = BackboneSpec(name=name, num_classes=num_classes, kwargs=dict(kwargs))
+    try:
+        if source == "none":
+            model = spec.build()
+        elif source == "offline":
+            if name.split(".")[0] != OFFLINE_ARCHITECTURE:
+                raise FinetuneError(
+                    f"model.weights=offline only has weights for {OFFLINE_ARCHITECTURE}, not {name}. "
+                    f"Use model.backbone={OFFLINE_ARCHITECTURE}, or model.weights=hub|none|/path/to/file."
+                )
+            model = timm.create_model(name, pretrained=False, **kwargs)
+            model.load_state_dict(lite0_state_dict_for(model), strict=True)
+            model.reset_classifier(num_classes)
+        elif source == "file":
+            model = timm.create_model(
+                name, pretrained=True, num_classes=num_classes,
+                pretrained_cfg_overlay={"file": str(Path(weights).expanduser())}, **kwargs,
+            )
+        else:  # hub
+            model = _create_from_hub(name, num_classes, kwargs)
+    except TypeError as e:
+        raise FinetuneError(f"model.* options do not fit {name}: {e}. Remove the option or pick another backbone.") from None
+    except RuntimeError as e:
+        if source == "file":
+            raise FinetuneError(
+                f"model.weights={weights} does not fit {name}: {str(e).splitlines()[0]} "
+                f"The file must hold a state dict in timm's layout for this architecture."
+            ) from None
+        raise
+    label = {"file": f"file {weights}", "offline": "bundled offline ImageNet weights"}.get(source, source)
+    log.info("Backbone %s (weights: %s), head -> %d classes", name, label, num_classes)
+    return model, spec, source
+
+
+def _create_from_hub(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+    except (OSError, ConnectionError) as e:  # huggingface_hub / urllib errors derive from these
+        raise FinetuneError(
+            f"Could not download pretrained weights for model.backbone={name} from the hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Without internet use "
+            f"model.weights=offline ({OFFLINE_ARCHITECTURE} only), "
+            f"model.weights=/path/to/weights.safetensors, or model.weights=none to train from scratch."
+        ) from None
