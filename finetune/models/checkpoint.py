@@ -38,10 +38,16 @@ def read_checkpoint(path: str | Path | None, key: str = "ckpt") -> dict[str, Any
     try:
         data = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if detail is None:  # not a pickle at all (a text file, random bytes)
+            raise FinetuneError(
+                f"{key}={p} is not a torch checkpoint (it could not be unpickled). "
+                f"Use RUN_FOLDER/checkpoints/best.ckpt or last.ckpt written by finetune."
+            ) from None
         raise FinetuneError(
-            f"{key}={p} was refused: it holds Python objects that weights-only loading will not run "
-            f"({str(e).splitlines()[-1][:200] if str(e) else 'unpickling error'}). finetune checkpoints hold only "
-            f"tensors and plain data; this file is from another program or was modified. Load only checkpoints you trust."
+            f"{key}={p} was refused: it holds Python objects that weights-only loading will not run ({detail}). "
+            f"finetune checkpoints hold only tensors and plain data; this file is from another program or was "
+            f"modified. Load only checkpoints you trust."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise FinetuneError(

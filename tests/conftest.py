@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny real image folders generated on the fly, and composed configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+from PIL import Image
+
+CLASSES = ("circle", "square", "stripes")
+
+
+def draw(kind: str, rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    """A small RGB image whose class is visible: a disc, a square, or horizontal stripes."""
+    img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    color = rng.integers(150, 256, size=3, dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    c = size // 2 + rng.integers(-3, 4, size=2)
+    if kind == "circle":
+        mask = (yy - c[0]) ** 2 + (xx - c[1]) ** 2 < (size // 3) ** 2
+    elif kind == "square":
+        r = size // 3
+        mask = (abs(yy - c[0]) < r) & (abs(xx - c[1]) < r)
+    else:
+        mask = (yy // 4) % 2 == 0
+    img[mask] = color
+    return img
+
+
+def write_images(folder: Path, kind: str, n: int, seed: int, ext: str = "png") -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"{kind}_{seed}_{i}.{ext}"
+        Image.fromarray(draw(kind, rng)).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def class_folders(tmp_path: Path) -> Path:
+    """root/<class>/*.png, 12 images per class."""
+    root = tmp_path / "images"
+    for i, kind in enumerate(CLASSES):
+        write_images(root / kind, kind, 12, seed=i)
+    return root
+
+
+@pytest.fixture
+def split_folders(tmp_path: Path) -> Path:
+    """root/train|val|test/<class>/*.png."""
+    root = tmp_path / "splits"
+    for s, (split, n) in enumerate((("train", 10), ("val", 4), ("test", 4))):
+        for i, kind in enumerate(CLASSES):
+            write_images(root / split / kind, kind, n, seed=100 * s + i)
+    return root
+
+
+def make_cfg(overrides: list[str] | None = None, config_name: str = "train"):
+    """Compose the real config tree with overrides, as the CLI would (no Hydra run dir)."""
+    with initialize_config_module(config_module="finetune.conf", version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))
+
+
+# Small and fast: real Lite0 weights, 32 px input, CPU, no progress bar spam.
+FAST = [
+    "data.image_size=32",
+    "data.batch_size=8",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture
+def fast_cfg(tmp_path: Path):
+    def _make(root: Path | str, *extra: str, run_dir: Path | None = None):
+        run = run_dir or tmp_path / "run"
+        return make_cfg([f"data.root={root}", f"run_dir={run}", *FAST, *extra])
+
+    return _make
