@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from finetune.config import resolve_run_dir
-from finetune.data.datamodule import ImageListDataset
+from finetune.data.datamodule import ImageListDataset, decode_side
 from finetune.data.datasets import DatasetIndex, scan_dataset, scan_inputs
 from finetune.data.transforms import eval_transform
 from finetune.errors import FinetuneError
@@ -48,7 +48,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     to_ckpt = [loaded.classes.index(c) for c in index.classes]
     samples = [(path, to_ckpt[label]) for path, label in index.splits[split]]
     loader = DataLoader(
-        ImageListDataset(samples, eval_transform(loaded.preprocessing)),
+        ImageListDataset(samples, eval_transform(loaded.preprocessing), max_side=decode_side(loaded.preprocessing)),
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
     )
@@ -79,7 +79,8 @@ def predict(cfg: DictConfig) -> Path:
     k = min(cfg.topk, len(loaded.classes))
     device = torch.device("cuda" if cfg.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available() else "cpu")
     module = loaded.module.to(device)
-    loader = DataLoader(ImageListDataset([(p, -1) for p in paths], eval_transform(loaded.preprocessing)),
+    loader = DataLoader(ImageListDataset([(p, -1) for p in paths], eval_transform(loaded.preprocessing),
+                                         max_side=decode_side(loaded.preprocessing)),
                         batch_size=cfg.batch_size)
     header = ["path", "label", "probability"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("label", "prob")]
     rows = [header]

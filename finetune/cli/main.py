@@ -5,8 +5,10 @@ A :class:`FinetuneError` becomes one paragraph on stderr and exit status 2, with
 
 from __future__ import annotations
 
+import logging
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -18,12 +20,24 @@ from finetune.errors import FinetuneError
 CONFIG_PATH = "../conf"
 
 
+def _quiet_library_logging() -> None:
+    """Hydra already logs to the console and RUN/*.log: drop Lightning's second console handler
+    (every line printed twice otherwise) and a deprecation warning Lightning raises on new torch."""
+    import lightning.pytorch  # noqa: F401  (installs its handler on import)
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*litlogger.*")
+
+
 def report_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     def wrapped(cfg: DictConfig) -> Any:
+        _quiet_library_logging()
         try:
             return fn(cfg)
         except FinetuneError as e:
-            print("\nerror: " + textwrap.fill(str(e), width=100, subsequent_indent="  "), file=sys.stderr)
+            print("\nerror: " + textwrap.fill(str(e), width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False), file=sys.stderr)
             sys.exit(e.exit_code)
 
     return wrapped
@@ -54,3 +68,11 @@ def predict_main(cfg: DictConfig) -> None:
     from finetune.inference import predict
 
     predict(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@report_errors
+def advise_main(cfg: DictConfig) -> None:
+    from finetune.advise import advise
+
+    advise(cfg)

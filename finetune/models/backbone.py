@@ -34,9 +34,22 @@ class BackboneSpec:
     name: str
     num_classes: int
     kwargs: dict[str, Any]
+    cut_after_stage: int | None = None
 
     def build(self) -> nn.Module:
-        return timm.create_model(self.name, pretrained=False, num_classes=self.num_classes, **self.kwargs)
+        if self.cut_after_stage is None:
+            return timm.create_model(self.name, pretrained=False, num_classes=self.num_classes, **self.kwargs)
+        return attach_head(timm.create_model(self.name, pretrained=False, **self.kwargs), self)
+
+
+def attach_head(model: nn.Module, spec: BackboneSpec) -> nn.Module:
+    """A fresh ``spec.num_classes`` head: on the last stage (timm's reset_classifier) or after a cut."""
+    if spec.cut_after_stage is None:
+        model.reset_classifier(spec.num_classes)
+        return model
+    from finetune.models.stage_probe import StageProbeNet
+
+    return StageProbeNet(model, spec.cut_after_stage, spec.num_classes, float(spec.kwargs.get("drop_rate", 0.0)))
 
 
 def check_backbone_name(name: str, key: str = "model.backbone") -> None:
@@ -62,14 +75,17 @@ def _weight_source(name: str, weights: str | None) -> str:
     return "file"
 
 
-def create_backbone(name: str, weights: str | None, num_classes: int, **kwargs: Any) -> tuple[nn.Module, BackboneSpec, str]:
-    """The network with a new ``num_classes`` head, its rebuild spec, and where its weights came from."""
+def load_pretrained(name: str, weights: str | None, **kwargs: Any) -> tuple[nn.Module, str, bool]:
+    """The backbone with its pretrained weights: (model, weight source, whether its head is pretrained too).
+
+    The pretrained classifier is kept where there is one, so the policy can measure how confident
+    it is on the user's images; :func:`attach_head` replaces it afterwards.
+    """
     check_backbone_name(name)
     source = _weight_source(name, weights)
-    spec = BackboneSpec(name=name, num_classes=num_classes, kwargs=dict(kwargs))
     try:
         if source == "none":
-            model = spec.build()
+            model = timm.create_model(name, pretrained=False, **kwargs)
         elif source == "offline":
             if name.split(".")[0] != OFFLINE_ARCHITECTURE:
                 raise FinetuneError(
@@ -78,14 +94,14 @@ def create_backbone(name: str, weights: str | None, num_classes: int, **kwargs: 
                 )
             model = timm.create_model(name, pretrained=False, **kwargs)
             model.load_state_dict(lite0_state_dict_for(model), strict=True)
-            model.reset_classifier(num_classes)
         elif source == "file":
+            # num_classes=0: timm drops the file's classifier, whatever its size; only the features load.
             model = timm.create_model(
-                name, pretrained=True, num_classes=num_classes,
+                name, pretrained=True, num_classes=0,
                 pretrained_cfg_overlay={"file": str(Path(weights).expanduser())}, **kwargs,
             )
         else:  # hub
-            model = _create_from_hub(name, num_classes, kwargs)
+            model = _create_from_hub(name, kwargs)
     except TypeError as e:
         raise FinetuneError(f"model.* options do not fit {name}: {e}. Remove the option or pick another backbone.") from None
     except RuntimeError as e:
@@ -96,13 +112,20 @@ def create_backbone(name: str, weights: str | None, num_classes: int, **kwargs: 
             ) from None
         raise
     label = {"file": f"file {weights}", "offline": "bundled offline ImageNet weights"}.get(source, source)
-    log.info("Backbone %s (weights: %s), head -> %d classes", name, label, num_classes)
-    return model, spec, source
+    log.info("Backbone %s (weights: %s)", name, label)
+    return model, source, source in ("offline", "hub")
 
 
-def _create_from_hub(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+def create_backbone(name: str, weights: str | None, num_classes: int, **kwargs: Any) -> tuple[nn.Module, BackboneSpec, str]:
+    """Pretrained backbone with a new ``num_classes`` head, its rebuild spec, and the weight source."""
+    model, source, _ = load_pretrained(name, weights, **kwargs)
+    spec = BackboneSpec(name=name, num_classes=num_classes, kwargs=dict(kwargs))
+    return attach_head(model, spec), spec, source
+
+
+def _create_from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+        return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, ConnectionError) as e:  # huggingface_hub / urllib errors derive from these
         raise FinetuneError(
             f"Could not download pretrained weights for model.backbone={name} from the hub "

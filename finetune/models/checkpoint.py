@@ -7,6 +7,7 @@ toolkits, tampered files and unreadable files are refused with an error that nam
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,9 @@ def read_checkpoint(path: str | Path | None, key: str = "ckpt") -> dict[str, Any
             f"finetune checkpoints hold only tensors and plain data; this file is from another program or was "
             f"modified. Load only checkpoints you trust."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    # Garbage bytes make torch's weights-only unpickler raise almost anything: KeyError/IndexError
+    # (unknown opcodes, an empty stack), struct.error (short reads), EOFError, RuntimeError (zip).
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, LookupError, struct.error) as e:
         raise FinetuneError(
             f"{key}={p} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
             f"It may be truncated or not a torch file; use RUN_FOLDER/checkpoints/best.ckpt or last.ckpt."
@@ -71,7 +74,9 @@ def load_classifier(path: str | Path | None, key: str = "ckpt") -> LoadedCheckpo
     """Rebuild the trained network (no weight download) and put it in eval mode."""
     data = read_checkpoint(path, key)
     meta = data[CHECKPOINT_KEY]
-    spec = BackboneSpec(meta["backbone"], int(meta["num_classes"]), dict(meta.get("model_kwargs") or {}))
+    spec = BackboneSpec(
+        meta["backbone"], int(meta["num_classes"]), dict(meta.get("model_kwargs") or {}), meta.get("cut_after_stage")
+    )
     preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     module = ImageClassifier(spec.build(), spec, list(meta["classes"]), preprocessing)
     try:

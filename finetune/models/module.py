@@ -18,6 +18,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.data.transforms import Preprocessing
 from finetune.models.backbone import BackboneSpec
+from finetune.policy.freeze import frozen_to_eval, param_groups, set_trainable
+from finetune.policy.plan import Plan
+from finetune.policy.stages import StageMap
 
 CHECKPOINT_KEY = "finetune"
 CHECKPOINT_FORMAT = 1
@@ -37,6 +40,10 @@ class ImageClassifier(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         scheduler_options: Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
+        plan: Plan | None = None,
+        stage_map: StageMap | None = None,
+        frozen_bn_eval: bool = True,
+        inputs_are_features: bool = False,
     ):
         super().__init__()
         self.net = net
@@ -47,6 +54,13 @@ class ImageClassifier(L.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_options = dict(scheduler_options or {})
         self.label_smoothing = label_smoothing
+        self.plan = plan
+        self.stage_map = stage_map
+        self.frozen_bn_eval = frozen_bn_eval
+        # Batches hold cached pre-classifier features instead of images (frozen-prefix policies).
+        self.inputs_are_features = inputs_are_features
+        if plan is not None:
+            self.apply_plan(epoch=0)
         self.save_hyperparameters(
             {"backbone": spec.name, "classes": self.classes, "preprocessing": preprocessing.to_dict()}
         )
@@ -56,7 +70,33 @@ class ImageClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inputs_are_features:
+            return self.net.get_classifier()(x)
         return self.net(x)
+
+    def apply_plan(self, epoch: int) -> list[str]:
+        """Make trainable what the plan says for ``epoch`` (idempotent, so resume lands right)."""
+        groups = self.plan.trainable_at(epoch)
+        set_trainable(self.net, self.stage_map, groups)
+        if self.training and self.frozen_bn_eval:
+            frozen_to_eval(self.net)
+        return groups
+
+    def train(self, mode: bool = True):
+        """Lightning calls train() at every epoch start: keep frozen parts in eval mode."""
+        super().train(mode)
+        if mode and self.frozen_bn_eval and self.plan is not None:
+            frozen_to_eval(self.net)
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        if self.plan is None:
+            return
+        before = {n for n, p in self.net.named_parameters() if p.requires_grad}
+        groups = self.apply_plan(self.current_epoch)
+        after = {n for n, p in self.net.named_parameters() if p.requires_grad}
+        if after != before:
+            self.print(f"Epoch {self.current_epoch}: trainable groups now {', '.join(groups)}")
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
@@ -83,9 +123,14 @@ class ImageClassifier(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise RuntimeError("ImageClassifier was built without an optimizer (inference only).")
-        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        # No weight decay on norm layers and biases (timm's helper); frozen parameters are left out.
-        groups = param_groups_weight_decay(self.net, weight_decay=weight_decay)
+        keywords = getattr(self.optimizer_factory, "keywords", {})
+        weight_decay = keywords.get("weight_decay", 0.0)
+        if self.plan is not None:
+            # Every stage group from step one (frozen ones too): schedulers and resume see a fixed set.
+            groups = param_groups(self.net, self.stage_map, self.plan, keywords.get("lr", 1e-3), weight_decay)
+        else:
+            # No weight decay on norm layers and biases (timm's helper).
+            groups = param_groups_weight_decay(self.net, weight_decay=weight_decay)
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
@@ -98,6 +143,7 @@ class ImageClassifier(L.LightningModule):
             "backbone": self.spec.name,
             "num_classes": self.spec.num_classes,
             "model_kwargs": dict(self.spec.kwargs),
+            "cut_after_stage": self.spec.cut_after_stage,
             "classes": self.classes,
             "preprocessing": self.preprocessing.to_dict(),
         }

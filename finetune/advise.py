@@ -1,0 +1,32 @@
+"""``advise(cfg)``: measure the data and show the table's decision without training.
+
+Costs about one forward pass over the (subsampled) training split plus the cross-validated probes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.data.datasets import scan_dataset
+from finetune.data.transforms import resolve_preprocessing
+from finetune.models.backbone import load_pretrained
+from finetune.policy.choose import choose_policy, format_policy_block
+
+log = logging.getLogger(__name__)
+
+
+def advise(cfg: DictConfig) -> dict[str, Any]:
+    index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    backbone, _, pretrained_head = load_pretrained(cfg.model.backbone, cfg.model.weights, **OmegaConf.to_container(cfg.model.kwargs))
+    preprocessing = resolve_preprocessing(backbone, cfg.data)
+    policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
+    policy_cfg["measure"]["enabled"] = "true"  # advising is measuring, whatever policy is forced
+    choice = choose_policy(policy_cfg, backbone, index, preprocessing, pretrained_head, cfg.seed)
+    record = choice.record()
+    print(format_policy_block(record))
+    print(f"\nTrain with it: finetune data.root={cfg.data.root} policy={record['policy_requested']}"
+          + (f" data.image_size={cfg.data.image_size}" if cfg.data.image_size else ""))
+    return record

@@ -1,0 +1,143 @@
+"""LightningDataModule over a :class:`DatasetIndex`: decode once, transform per epoch.
+
+Small datasets (the common case here) are decoded once into memory, shrunk to at most twice the
+input size, so an epoch costs only the albumentations transforms; larger ones are decoded per item
+in worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.data.datasets import DatasetIndex, Sample
+from finetune.data.images import load_image
+from finetune.data.transforms import Preprocessing, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+def decode_side(pp: Preprocessing) -> int:
+    """Decoded images keep at most twice the resize size: enough detail for any crop >= 1/4 of the
+    area. Training, evaluation and prediction all decode this way, so they see the same pixels."""
+    return 2 * pp.resize_size
+
+
+class ImageListDataset(Dataset):
+    """(image tensor, label) for a list of (path, label); decoded arrays are used when given."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, images: Sequence[np.ndarray] | None = None,
+                 max_side: int | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.images = images
+        self.max_side = max_side
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        image = self.images[i] if self.images is not None else load_image(path, self.max_side)
+        return self.transform(image=image)["image"], label
+
+
+def decode_all(paths: Sequence[str], max_side: int, budget_bytes: float) -> list[np.ndarray] | None:
+    """Decode every path (threaded); None as soon as the arrays would exceed ``budget_bytes``."""
+    images: list[np.ndarray] = []
+    used = 0
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for image in pool.map(lambda p: load_image(p, max_side), paths):
+            used += image.nbytes
+            if used > budget_bytes:
+                return None
+            images.append(image)
+    return images
+
+
+class ImageDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        index: DatasetIndex,
+        preprocessing: Preprocessing,
+        augment: Mapping[str, Any] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int | str = "auto",
+        pin_memory: bool | str = "auto",
+        preload: bool | str = "auto",
+        preload_max_gb: float = 2.0,
+    ):
+        super().__init__()
+        self.index = index
+        self.preprocessing = preprocessing
+        self.augment = augment
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.preload = preload
+        self.preload_max_gb = preload_max_gb
+        self.num_workers_cfg = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
+        self.datasets: dict[str, ImageListDataset] = {}
+
+    @property
+    def max_side(self) -> int:
+        return decode_side(self.preprocessing)
+
+    def _decoded(self, samples: Sequence[Sample]) -> list[np.ndarray] | None:
+        if self.preload is False or self.preload == "false":
+            return None
+        budget = self.preload_max_gb * 1024**3 if self.preload == "auto" else float("inf")
+        images = decode_all([p for p, _ in samples], self.max_side, budget)
+        if images is None:
+            log.info("Dataset larger than data.preload_max_gb=%s: decoding per item in workers.", self.preload_max_gb)
+        return images
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        for split, samples in self.index.splits.items():
+            transform = train_transform(self.preprocessing, self.augment) if split == "train" else eval_transform(self.preprocessing)
+            self.datasets[split] = ImageListDataset(samples, transform, self._decoded(samples), self.max_side)
+        preloaded = all(d.images is not None for d in self.datasets.values())
+        self.num_workers = self._resolve_workers(preloaded)
+        log.info("Data: %s; decoded in memory: %s; loader workers: %d", self.index.summary(), preloaded, self.num_workers)
+
+    def _resolve_workers(self, preloaded: bool) -> int:
+        if self.num_workers_cfg != "auto":
+            return int(self.num_workers_cfg)
+        # Preloaded small images transform faster in-process than they cross a worker's queue.
+        return 0 if preloaded else min(4, max(1, (os.cpu_count() or 2) - 1))
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        batch = self.batch_size if train else self.eval_batch_size
+        return DataLoader(
+            dataset,
+            batch_size=batch,
+            shuffle=train,
+            drop_last=train and len(dataset) > batch,  # a batch of 1 breaks BatchNorm in train mode
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val" if "val" in self.datasets else "train", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def has_split(self, split: str) -> bool:
+        return split in self.index.splits

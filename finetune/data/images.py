@@ -1,0 +1,54 @@
+"""Decode any image a user has into the 8-bit RGB array the backbones expect.
+
+Grayscale, 16-bit, palette (with transparency), RGBA and CMYK files all end up as HxWx3 uint8;
+EXIF orientation is applied so a phone photo is seen upright, as the user sees it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from finetune.errors import FinetuneError
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+class BadImageError(FinetuneError):
+    """A file that cannot be decoded as an image."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(
+            f"Could not read image {path}: {reason}. Replace or remove the file "
+            f"(or, once available, set data.on_bad_file=skip)."
+        )
+        self.path = path
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparent pixels become white, 16-bit is scaled to 8-bit."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 257.0 if arr.max(initial=0) > 255 or im.mode != "I" else 1.0
+        im = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def load_image(path: str, max_side: int | None = None) -> np.ndarray:
+    """Decode ``path`` to HxWx3 uint8, optionally shrinking so the shorter side is <= ``max_side``."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im = to_rgb(im)
+            if max_side is not None and min(im.size) > max_side:
+                ratio = max_side / min(im.size)
+                im = im.resize((max(1, round(im.width * ratio)), max(1, round(im.height * ratio))), Image.BICUBIC)
+            return np.asarray(im, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadImageError(path, str(e) or type(e).__name__) from None

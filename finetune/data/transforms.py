@@ -1,0 +1,142 @@
+"""Preprocessing from the backbone's pretrained config, and the albumentations pipelines built on it.
+
+Input size, mean, std, interpolation and crop_pct come from timm's ``resolve_data_config`` on the
+created model; ``data.image_size`` / ``data.mean`` / ``data.std`` / ``data.interpolation`` /
+``data.crop_pct`` override them when set. Nothing here is hard-coded to ImageNet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+from timm.data import resolve_data_config
+from torch import nn
+
+from finetune.errors import FinetuneError, close_matches
+
+log = logging.getLogger(__name__)
+
+INTERPOLATIONS = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+CROPS = ("random_resized", "center")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything needed to turn a decoded image into the network's input (kept in checkpoints)."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the centre crop (timm's convention: size / crop_pct)."""
+        return max(self.image_size, int(round(self.image_size / self.crop_pct)))
+
+    @property
+    def cv2_interpolation(self) -> int:
+        return INTERPOLATIONS[self.interpolation]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
+        return cls(
+            image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+            interpolation=str(d["interpolation"]), crop_pct=float(d["crop_pct"]),
+        )
+
+
+def resolve_preprocessing(model: nn.Module, data_cfg: Mapping[str, Any]) -> Preprocessing:
+    """timm's data config for ``model``, with explicit ``data.*`` values taking precedence."""
+    resolved = resolve_data_config({}, model=model)
+    size = data_cfg.get("image_size") or resolved["input_size"][-1]
+    interpolation = data_cfg.get("interpolation") or resolved.get("interpolation", "bicubic")
+    if interpolation not in INTERPOLATIONS:
+        raise FinetuneError(
+            f"data.interpolation={interpolation} is not one of {', '.join(INTERPOLATIONS)}."
+            f"{close_matches(str(interpolation), INTERPOLATIONS)}"
+        )
+    crop_pct = data_cfg.get("crop_pct") or resolved.get("crop_pct", 0.875)
+    mean = tuple(data_cfg.get("mean") or resolved["mean"])
+    std = tuple(data_cfg.get("std") or resolved["std"])
+    for key, value in (("data.mean", mean), ("data.std", std)):
+        if len(value) != 3:
+            raise FinetuneError(f"{key}={list(value)} needs 3 values (one per RGB channel).")
+    if not (isinstance(size, int) and size >= 8):
+        raise FinetuneError(f"data.image_size={size} must be an integer >= 8 (pixels of the square input).")
+    if not 0 < float(crop_pct) <= 1:
+        raise FinetuneError(f"data.crop_pct={crop_pct} must be in (0, 1].")
+    return Preprocessing(int(size), mean, std, str(interpolation), float(crop_pct))
+
+
+def _normalize(pp: Preprocessing) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=pp.mean, std=pp.std, max_pixel_value=255.0), ToTensorV2()]
+
+
+def eval_transform(pp: Preprocessing) -> A.Compose:
+    """Deterministic: resize the shorter side to size / crop_pct, centre crop, normalize."""
+    return A.Compose(
+        [
+            A.SmallestMaxSize(max_size=pp.resize_size, interpolation=pp.cv2_interpolation),
+            A.CenterCrop(height=pp.image_size, width=pp.image_size),
+            *_normalize(pp),
+        ]
+    )
+
+
+def build_albumentation(item: Any, where: str) -> A.BasicTransform:
+    """One ``{Name: {param: value}}`` entry of an augment list -> the albumentations transform."""
+    if isinstance(item, str):
+        item = {item: {}}
+    if not isinstance(item, Mapping) or len(item) != 1:
+        raise FinetuneError(f"{where}: each entry must be `- Name: {{param: value}}`, got {item!r}.")
+    (name, params), = item.items()
+    cls = getattr(A, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        choices = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform)]
+        raise FinetuneError(f"{where}: '{name}' is not an albumentations transform.{close_matches(str(name), choices)}")
+    try:
+        return cls(**dict(params or {}))
+    except Exception as e:  # albumentations validates with pydantic: ValidationError, TypeError, ValueError
+        first = str(e).strip().splitlines()
+        raise FinetuneError(f"{where}: bad parameters for {name} {dict(params or {})}: {' '.join(first[:3])}") from None
+
+
+def train_transform(pp: Preprocessing, augment: Mapping[str, Any] | None) -> A.Compose:
+    """Crop (random resized or centre) + the configured augmentations + normalize."""
+    augment = augment or {}
+    crop = augment.get("crop", "center")
+    if crop not in CROPS:
+        raise FinetuneError(f"augment.crop={crop} is not one of {', '.join(CROPS)}.")
+    if crop == "random_resized":
+        first: list[A.BasicTransform] = [
+            A.RandomResizedCrop(
+                size=(pp.image_size, pp.image_size),
+                scale=tuple(augment.get("scale", (0.08, 1.0))),
+                ratio=tuple(augment.get("ratio", (3 / 4, 4 / 3))),
+                interpolation=pp.cv2_interpolation,
+            )
+        ]
+    else:
+        first = list(eval_transform(pp).transforms)[:2]
+    items: Sequence[Any] = augment.get("transforms") or []
+    extra = [build_albumentation(item, f"augment.transforms[{i}]") for i, item in enumerate(items)]
+    return A.Compose([*first, *extra, *_normalize(pp)])

@@ -1,0 +1,72 @@
+"""Frozen-prefix feature cache: when only the head trains, run the frozen network once.
+
+A linear probe then costs one forward pass over the data plus seconds of head training, instead
+of a full forward pass per epoch. Features come from the evaluation transform, so training-time
+augmentation does not apply; train() says so in the log and in policy.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from finetune.data.datamodule import ImageDataModule
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def pooled_features(net: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the classifier sees (timm's forward_head(pre_logits=True)) for every batch of ``loader``."""
+    was_training = net.training
+    net.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        feats.append(net.forward_head(net.forward_features(x), pre_logits=True).float())
+        labels.append(torch.as_tensor(y))
+    net.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+class CachedFeatureDataModule(L.LightningDataModule):
+    """Same splits as ``images``, as (features, label) tensors computed once with ``net``."""
+
+    def __init__(self, images: ImageDataModule, net: nn.Module):
+        super().__init__()
+        self.images = images
+        self.net = net
+        self.datasets: dict[str, TensorDataset] = {}
+        self.seconds = 0.0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.images.setup(stage)
+        started = time.perf_counter()
+        for split, dataset in self.images.datasets.items():
+            loader = DataLoader(dataset, batch_size=self.images.eval_batch_size, num_workers=self.images.num_workers)
+            self.datasets[split] = TensorDataset(*pooled_features(self.net, loader))
+        self.seconds = time.perf_counter() - started
+        sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
+        log.info("Feature cache: %s vectors of %d dims in %.1f s", sizes, self.datasets["train"].tensors[0].shape[1], self.seconds)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        batch = self.images.batch_size if train else self.images.eval_batch_size
+        return DataLoader(self.datasets[split], batch_size=batch, shuffle=train)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val" if "val" in self.datasets else "train", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def has_split(self, split: str) -> bool:
+        return self.images.has_split(split)

@@ -1,0 +1,47 @@
+"""The CS231n 2x2 table as code: measured size x similarity -> quadrant -> policy.
+
+|                  | similar               | different                                   |
+|------------------|-----------------------|---------------------------------------------|
+| little data      | linear_probe          | stage_probe (head on the best earlier stage) |
+| a lot of data    | partial (top stages)  | full (discriminative learning rates)        |
+
+"Little" and "similar" are thresholds from ``conf/policy/*.yaml``; every decision returns the
+numbers it compared, so policy.json can show why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.policy.measure import Measurements
+
+QUADRANTS = ("small_similar", "small_different", "large_similar", "large_different")
+
+
+@dataclass(frozen=True)
+class Decision:
+    quadrant: str
+    policy: str
+    small: bool
+    similar: bool
+    reasons: list[str]
+
+
+def decide(m: Measurements, thresholds: Mapping[str, Any], actions: Mapping[str, str]) -> Decision:
+    """Place the dataset in the table and pick that cell's policy (``actions[quadrant]``)."""
+    per_class = m.images_per_class["median"]
+    small = per_class < thresholds["small_max_per_class"]
+    similar = m.depth_gap <= thresholds["similar_max_gap"]
+    quadrant = f"{'small' if small else 'large'}_{'similar' if similar else 'different'}"
+    where = "pre-logits features" if m.best_stage is None else f"stage {m.best_stage}"
+    reasons = [
+        f"size: median {per_class:g} training images per class "
+        f"{'<' if small else '>='} small_max_per_class={thresholds['small_max_per_class']} -> "
+        f"{'little' if small else 'a lot of'} data",
+        f"similarity: best cross-validated probe is on {where} ({m.best_acc:.3f}); pre-logits {m.prelogits_probe_acc:.3f}; "
+        f"gap {m.depth_gap:.3f} {'<=' if similar else '>'} similar_max_gap={thresholds['similar_max_gap']} -> "
+        f"{'similar to' if similar else 'different from'} the pretraining domain",
+    ]
+    return Decision(quadrant, actions[quadrant], small, similar, reasons)

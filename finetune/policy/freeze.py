@@ -1,0 +1,57 @@
+"""The freezing mechanism: trainable flags, frozen BatchNorm in eval mode, fixed param groups.
+
+Written by hand rather than with Lightning's ``BaseFinetuning`` for two reasons: its ``freeze``
+sets BatchNorm ``track_running_stats=False``, which in train mode normalises with *batch*
+statistics (not frozen ones), and its unfreezing adds param groups mid-training, which
+ReduceLROnPlateau and resumed runs do not survive. Here every group exists from step one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from finetune.policy.plan import Plan
+from finetune.policy.stages import StageMap
+
+
+def set_trainable(model: nn.Module, stage_map: StageMap, groups: Iterable[str]) -> None:
+    """requires_grad=True exactly for the parameters of ``groups``."""
+    wanted = {name for g in groups for name in stage_map.groups.get(g, [])}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+
+
+def frozen_to_eval(model: nn.Module) -> int:
+    """Put every module whose own parameters are all frozen into eval mode (BatchNorm statistics
+    stop updating, dropout inside frozen blocks stops). Returns how many were switched."""
+    switched = 0
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params) and module.training:
+            module.eval()
+            switched += 1
+    return switched
+
+
+def param_groups(model: nn.Module, stage_map: StageMap, plan: Plan, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """One group per (stage group, decay / no decay), frozen ones included, LR scaled per the plan.
+
+    No weight decay on biases, norm layers and 1-d parameters, nor on the model's own
+    ``no_weight_decay()`` names (timm's rule, e.g. a ViT's position embedding).
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    params = dict(model.named_parameters())
+    groups = []
+    for group in plan.group_order:
+        scale = plan.lr_scale.get(group, 1.0)
+        decay, no_decay = [], []
+        for name in stage_map.groups.get(group, []):
+            p = params[name]
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+        for members, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, "_no_decay")):
+            if members:
+                groups.append({"params": members, "lr": lr * scale, "weight_decay": wd, "name": group + suffix})
+    return groups

@@ -1,0 +1,163 @@
+"""Measure a dataset against a pretrained backbone: how much data, and how close to its domain.
+
+One gradient-free forward pass over a seeded, per-class subsample of the training split gives,
+for every stage, globally pooled features; from them:
+- per-stage linear-probe accuracy under stratified k-fold cross-validation (the signal that ranked
+  stages the way fine-tuning did in our measurements, DESIGN.md);
+- the same for the final pre-logits features (what a linear probe on top would see);
+- the pretrained head's own confidence (mean max-probability and normalised entropy over its
+  pretraining classes), reported as evidence where the weights came with a head.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune.data.datamodule import ImageListDataset, decode_all, decode_side
+from finetune.data.datasets import DatasetIndex, Sample
+from finetune.data.transforms import Preprocessing, eval_transform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Measurements:
+    images_train: int
+    num_classes: int
+    images_per_class: dict[str, float]  # min / median / max over classes (training split)
+    probe_images: int
+    probe_folds: int
+    stage_probe_acc: list[float]  # one per stage, shallow to deep
+    stage_channels: list[int]
+    prelogits_probe_acc: float
+    best_stage: int | None  # None: the pre-logits features are the best
+    best_acc: float
+    depth_gap: float  # best accuracy minus pre-logits accuracy (>= 0)
+    head_confidence: dict[str, float] | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def subsample(samples: list[Sample], max_per_class: int, max_images: int, seed: int) -> list[Sample]:
+    """At most ``max_per_class`` per class and ``max_images`` overall, seeded, stratified."""
+    by_class: dict[int, list[Sample]] = {}
+    for s in sorted(samples):
+        by_class.setdefault(s[1], []).append(s)
+    per_class = max(1, min(max_per_class, max_images // max(1, len(by_class))))
+    rng = random.Random(seed)
+    out = []
+    for label in sorted(by_class):
+        items = by_class[label]
+        out.extend(rng.sample(items, per_class) if len(items) > per_class else items)
+    return out
+
+
+@torch.inference_mode()
+def extract_features(
+    model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_size: int = 64
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+    """Pooled per-stage features, pre-logits features, and the pretrained head's logits (if any)."""
+    model.eval()
+    images = decode_all([p for p, _ in samples], decode_side(pp), float("inf"))
+    loader = DataLoader(ImageListDataset(samples, eval_transform(pp), images), batch_size=batch_size)
+    stages: list[list[np.ndarray]] = []
+    prelogits, logits = [], []
+    for x, _ in loader:
+        final, intermediates = model.forward_intermediates(x)
+        if not stages:
+            stages = [[] for _ in intermediates]
+        for bucket, feat in zip(stages, intermediates):
+            bucket.append(feat.float().mean(dim=(2, 3)).numpy())
+        pre = model.forward_head(final, pre_logits=True)
+        prelogits.append(pre.float().numpy())
+        classifier = model.get_classifier()
+        if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
+            logits.append(classifier(pre).float().numpy())
+    return (
+        [np.concatenate(b) for b in stages],
+        np.concatenate(prelogits),
+        np.concatenate(logits) if logits else None,
+    )
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> float:
+    """Mean k-fold accuracy of a standardised multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=300))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(np.mean(cross_val_score(clf, features, labels, cv=cv)))
+
+
+def head_confidence(logits: np.ndarray) -> dict[str, float]:
+    probs = torch.from_numpy(logits).softmax(dim=-1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1) / math.log(probs.shape[-1])
+    return {
+        "mean_max_prob": round(float(probs.max(dim=-1).values.mean()), 4),
+        "mean_normalized_entropy": round(float(entropy.mean()), 4),
+        "classes": int(probs.shape[-1]),
+    }
+
+
+def measure(
+    model: nn.Module,
+    index: DatasetIndex,
+    pp: Preprocessing,
+    pretrained_head: bool,
+    max_per_class: int = 100,
+    max_images: int = 2000,
+    folds: int = 5,
+    seed: int = 0,
+) -> Measurements:
+    """All measurements for ``index``'s training split against ``model`` (with its pretrained head)."""
+    started = time.perf_counter()
+    train = index.splits["train"]
+    counts = Counter(label for _, label in train)
+    per_class = [counts.get(i, 0) for i in range(len(index.classes))]
+    picked = subsample(train, max_per_class, max_images, seed)
+    labels = np.array([label for _, label in picked])
+    min_count = min(Counter(labels.tolist()).values())
+    k = max(2, min(folds, min_count))
+    notes = []
+    if min_count < 2:
+        notes.append("a class has a single training image: probe accuracies are unreliable")
+    stage_feats, pre, logits = extract_features(model, picked, pp)
+    stage_acc = [round(probe_accuracy(f, labels, k, seed), 4) for f in stage_feats] if min_count >= 2 else []
+    pre_acc = round(probe_accuracy(pre, labels, k, seed), 4) if min_count >= 2 else 0.0
+    all_acc = stage_acc + [pre_acc]
+    best = int(np.argmax(all_acc)) if stage_acc else len(all_acc) - 1
+    best_stage = None if best == len(stage_acc) or all_acc[best] <= pre_acc else best
+    return Measurements(
+        images_train=len(train),
+        num_classes=len(index.classes),
+        images_per_class={"min": min(per_class), "median": statistics.median(per_class), "max": max(per_class)},
+        probe_images=len(picked),
+        probe_folds=k,
+        stage_probe_acc=stage_acc,
+        stage_channels=[int(f.shape[1]) for f in stage_feats],
+        prelogits_probe_acc=pre_acc,
+        best_stage=best_stage,
+        best_acc=round(max(all_acc), 4),
+        depth_gap=round(max(all_acc) - pre_acc, 4),
+        head_confidence=head_confidence(logits) if (pretrained_head and logits is not None) else None,
+        seconds=round(time.perf_counter() - started, 2),
+        notes=notes,
+    )
