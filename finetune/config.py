@@ -66,6 +66,8 @@ def validate_train_config(cfg: DictConfig) -> None:
             _check_monitor(f"callbacks.{name}.monitor", cb.monitor)
     if cfg.scheduler.get("_target_") and cfg.scheduler.get("monitor") is not None:
         _check_monitor("scheduler.monitor", cfg.scheduler.monitor)
+    if cfg.policy.get("head_solver", "lbfgs") not in ("lbfgs", "optimizer"):
+        raise FinetuneError(f"policy.head_solver={cfg.policy.head_solver} must be lbfgs or optimizer.")
     for key in ("batch_size",):
         if not (isinstance(cfg.data[key], int) and cfg.data[key] > 0):
             raise FinetuneError(f"data.{key}={cfg.data[key]} must be a positive integer.")
@@ -87,9 +89,10 @@ def instantiate_named(group: str, node: DictConfig | None) -> list[Any]:
         except InstantiationException as e:
             cause = e.__cause__ or e
             if isinstance(cause, ModuleNotFoundError):
+                package = cause.name or name  # Lightning's own availability checks set no name
                 raise FinetuneError(
-                    f"{group}.{name} needs the package '{cause.name}', which is not installed: "
-                    f"`pip install {cause.name}` (or the finetune[{name}] extra), or choose another {group}."
+                    f"{group}.{name} needs the package '{package}', which is not installed: "
+                    f"`pip install {package}` (or the finetune[{name}] extra), or choose another {group}."
                 ) from None
             raise FinetuneError(f"{group}.{name} could not be built: {str(cause).splitlines()[0]}") from None
     return out

@@ -92,13 +92,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = ImageClassifier(
         net, spec, index.classes, preprocessing, optimizer, scheduler, scheduler_options,
         plan=plan, stage_map=stage_map, frozen_bn_eval=bool(policy_cfg.get("frozen_bn_eval", True)),
-        inputs_are_features=use_cache,
+        inputs_are_features=use_cache, head_solver=str(policy_cfg.get("head_solver", "lbfgs")),
+        head_l2=float(policy_cfg.get("head_l2", 0.0)),
     )
-    data = CachedFeatureDataModule(datamodule, net) if use_cache else datamodule
+    data = CachedFeatureDataModule(datamodule, net, full_batch=module.head_solver == "lbfgs") if use_cache else datamodule
     trainable, frozen = count_parameters(module)
     record = choice.record() | {
         "parameters": {"trainable": trainable, "frozen": frozen, "per_group": stage_map.parameter_counts(net)},
-        "feature_cache": {"used": use_cache, "why": cache_note},
+        "feature_cache": {"used": use_cache, "why": cache_note, "head_solver": module.head_solver if use_cache else None},
         "notes": [cache_note] if use_cache and augment_is_active(augment) else [],
     }
     log.info("\n%s", format_policy_block(record))

@@ -95,12 +95,16 @@ def load_from_torchvision(root: Path) -> dict[str, Arrays]:
 
 
 def stratified_draw(
-    labels: np.ndarray, per_class: int, rng: np.random.Generator
+    labels: np.ndarray, per_class: int, rng: np.random.Generator,
+    exclude: dict[int, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
-    """Exactly per_class indices for each class, sorted, drawn without replacement."""
+    """Exactly per_class indices for each class, sorted, drawn without replacement
+    (and never one of ``exclude``'s indices)."""
     picks: dict[int, np.ndarray] = {}
     for label in range(len(CLASS_NAMES)):
         pool = np.flatnonzero(labels == label)
+        if exclude is not None:
+            pool = np.setdiff1d(pool, exclude[label])
         if per_class > len(pool):
             sys.exit(f"error: asked for {per_class} images of class {CLASS_NAMES[label]}, "
                      f"but the set has only {len(pool)}")
@@ -121,6 +125,9 @@ def main() -> None:
                         default=Path("data/fashion_mnist_fewshot"))
     parser.add_argument("--train-per-class", type=positive_int, default=50, metavar="N",
                         help="images per class, drawn from the official training set")
+    parser.add_argument("--val-per-class", type=int, default=10, metavar="N",
+                        help="validation images per class, from the official training set, disjoint "
+                             "from the training draw (0: none; finetune then carves val out of train)")
     parser.add_argument("--test-per-class", type=positive_int, default=200, metavar="N",
                         help="images per class, drawn from the official test set")
     parser.add_argument("--seed", type=int, default=0, metavar="S")
@@ -152,12 +159,15 @@ def main() -> None:
     per_class = {"train": args.train_per_class, "test": args.test_per_class}
     picks = {split: stratified_draw(splits[split][1], n, np.random.default_rng([args.seed, i]))
              for i, (split, n) in enumerate(per_class.items())}
+    if args.val_per_class > 0:  # the same images as before for train and test, whatever N val is
+        picks["val"] = stratified_draw(splits["train"][1], args.val_per_class,
+                                       np.random.default_rng([args.seed, 2]), exclude=picks["train"])
 
     if args.out.exists():
         print(f"Removing existing {args.out} to rebuild it")
         shutil.rmtree(args.out)
     for split, by_class in picks.items():
-        images = splits[split][0]
+        images = splits["train" if split == "val" else split][0]
         for label, indices in by_class.items():
             class_dir = args.out / split / CLASS_NAMES[label]
             class_dir.mkdir(parents=True)
@@ -165,8 +175,9 @@ def main() -> None:
                 Image.fromarray(images[index]).save(class_dir / f"{index:05d}.png")
 
     n_train, n_test = (len(CLASS_NAMES) * n for n in per_class.values())
-    print(f"Wrote {n_train} train + {n_test} test grayscale PNGs ({len(CLASS_NAMES)} classes, "
-          f"{args.train_per_class}/{args.test_per_class} per class, seed {args.seed}) "
+    n_val = len(CLASS_NAMES) * args.val_per_class
+    print(f"Wrote {n_train} train + {n_val} val + {n_test} test grayscale PNGs ({len(CLASS_NAMES)} classes, "
+          f"{args.train_per_class}/{args.val_per_class}/{args.test_per_class} per class, seed {args.seed}) "
           f"to {args.out} from {source}")
 
 

@@ -44,6 +44,8 @@ class ImageClassifier(L.LightningModule):
         stage_map: StageMap | None = None,
         frozen_bn_eval: bool = True,
         inputs_are_features: bool = False,
+        head_solver: str = "optimizer",
+        head_l2: float = 0.0,
     ):
         super().__init__()
         self.net = net
@@ -59,6 +61,9 @@ class ImageClassifier(L.LightningModule):
         self.frozen_bn_eval = frozen_bn_eval
         # Batches hold cached pre-classifier features instead of images (frozen-prefix policies).
         self.inputs_are_features = inputs_are_features
+        # On cached features the head is a convex problem: full-batch L-BFGS solves it in a few steps.
+        self.head_solver = head_solver if inputs_are_features else "optimizer"
+        self.head_l2 = head_l2
         if plan is not None:
             self.apply_plan(epoch=0)
         self.save_hyperparameters(
@@ -102,6 +107,8 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+        if stage == "train" and self.head_solver == "lbfgs" and self.head_l2 > 0:
+            loss = loss + self.head_l2 * self.net.get_classifier().weight.pow(2).sum()
         metric(logits, y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=not on_step)
@@ -121,6 +128,10 @@ class ImageClassifier(L.LightningModule):
         return self(batch[0]).softmax(dim=-1)
 
     def configure_optimizers(self):
+        if self.head_solver == "lbfgs":
+            return torch.optim.LBFGS(
+                self.net.get_classifier().parameters(), lr=1.0, max_iter=50, history_size=20, line_search_fn="strong_wolfe"
+            )
         if self.optimizer_factory is None:
             raise RuntimeError("ImageClassifier was built without an optimizer (inference only).")
         keywords = getattr(self.optimizer_factory, "keywords", {})
@@ -134,7 +145,12 @@ class ImageClassifier(L.LightningModule):
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = {"scheduler": self.scheduler_factory(optimizer), **self.scheduler_options}
+        extra = {}
+        if getattr(self.scheduler_factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR:
+            # Peak at each group's own (discriminative) LR, over the steps this run will take.
+            extra = {"max_lr": [g["lr"] for g in optimizer.param_groups],
+                     "total_steps": int(self.trainer.estimated_stepping_batches)}
+        scheduler = {"scheduler": self.scheduler_factory(optimizer, **extra), **self.scheduler_options}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

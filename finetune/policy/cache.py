@@ -36,8 +36,9 @@ def pooled_features(net: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, t
 class CachedFeatureDataModule(L.LightningDataModule):
     """Same splits as ``images``, as (features, label) tensors computed once with ``net``."""
 
-    def __init__(self, images: ImageDataModule, net: nn.Module):
+    def __init__(self, images: ImageDataModule, net: nn.Module, full_batch: bool = False):
         super().__init__()
+        self.full_batch = full_batch  # one batch per epoch (L-BFGS)
         self.images = images
         self.net = net
         self.datasets: dict[str, TensorDataset] = {}
@@ -57,6 +58,8 @@ class CachedFeatureDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         batch = self.images.batch_size if train else self.images.eval_batch_size
+        if train and self.full_batch:
+            batch = len(self.datasets[split])
         return DataLoader(self.datasets[split], batch_size=batch, shuffle=train)
 
     def train_dataloader(self) -> DataLoader:
