@@ -48,20 +48,21 @@ def _scores(results: list[dict[str, float]]) -> dict[str, float]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune per ``cfg`` and return the metrics also written to ``RUN/metrics.json``."""
     validate_train_config(cfg)
+    check_backbone_name(cfg.model.backbone)  # a typo fails before any data is read
     resume = resume_checkpoint(cfg.get("resume"))
     if resume and not cfg.get("run_dir") and Path(str(cfg.resume)).is_dir():
-        cfg = cfg.copy()
-        OmegaConf.set_struct(cfg, False)
-        cfg.run_dir = str(Path(str(cfg.resume)).resolve())  # resume=RUN_DIR continues in that folder
-        OmegaConf.set_struct(cfg, True)
+        cfg = _with_value(cfg, "run_dir", str(Path(str(cfg.resume)).resolve()))  # continue in that folder
     run_dir = resolve_run_dir(cfg)
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    cfg.run_dir = str(run_dir)
-    OmegaConf.set_struct(cfg, True)
+    cfg = _with_value(cfg, "run_dir", str(run_dir))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Built before the heavy work, so a bad logger or callback fails in a second, not after measuring.
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        default_root_dir=str(run_dir),
+        logger=instantiate_named("logger", cfg.get("logger")) or False,
+        callbacks=instantiate_named("callbacks", cfg.get("callbacks")),
+    )
 
-    check_backbone_name(cfg.model.backbone)  # a typo fails before any data is read
     index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     log.info("Dataset: %s", index.summary())
     kwargs = OmegaConf.to_container(cfg.model.kwargs)
@@ -109,12 +110,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if rank_zero_only.rank == 0:
         write_json(run_dir / "policy.json", record)
 
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        default_root_dir=str(run_dir),
-        logger=instantiate_named("logger", cfg.get("logger")) or False,
-        callbacks=instantiate_named("callbacks", cfg.get("callbacks")),
-    )
     started = time.perf_counter()
     if resume:
         log.info("Resuming from %s", resume)
@@ -143,6 +138,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("val/acc", "test/acc") if k in metrics)
         log.info("Finished in %.1f s (%d epochs): %s", fit_seconds, metrics["epochs"], summary)
     return metrics
+
+
+def _with_value(cfg: DictConfig, key: str, value: Any) -> DictConfig:
+    """A copy of ``cfg`` with one top-level value set (the composed config is in struct mode)."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg[key] = value
+    OmegaConf.set_struct(cfg, True)
+    return cfg
 
 
 def resume_checkpoint(resume: str | None) -> str | None:

@@ -276,3 +276,18 @@ def test_training_on_grayscale_and_rgba_images(tmp_path, fast_cfg):
     assert 0.0 <= metrics["val/acc"] <= 1.0 and np.isfinite(metrics["val/loss"])
     assert json.loads((run / "classes.json").read_text()) == list(CLASSES)
     assert (run / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_float_tiff_decodes_to_visible_pixels(tmp_path):
+    """Mode F (float) TIFFs with values in 0..1 are scaled to 0..255, not truncated to black."""
+    import numpy as np
+    from PIL import Image
+
+    from finetune.data.images import load_image
+
+    arr = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    path = tmp_path / "float.tif"
+    Image.fromarray(arr, mode="F").save(path)
+    out = load_image(str(path))
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert out.max() == 255 and out.min() == 0

@@ -29,6 +29,8 @@ def _quiet_library_logging() -> None:
         logging.getLogger(name).handlers.clear()
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*litlogger.*")
+    # Frozen parts are put in eval mode on purpose (frozen BatchNorm statistics); the policy block says so.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def report_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:

@@ -27,6 +27,10 @@ class BadImageError(FinetuneError):
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB; transparent pixels become white, 16-bit is scaled to 8-bit."""
+    if im.mode == "F":  # float images (TIFF): 0..1 scaled up, anything larger clipped to 8 bits
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        im = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8))
     if im.mode in _SIXTEEN_BIT_MODES:
         arr = np.asarray(im, dtype=np.float64)
         scale = 257.0 if arr.max(initial=0) > 255 or im.mode != "I" else 1.0
@@ -50,5 +54,5 @@ def load_image(path: str, max_side: int | None = None) -> np.ndarray:
                 ratio = max_side / min(im.size)
                 im = im.resize((max(1, round(im.width * ratio)), max(1, round(im.height * ratio))), Image.BICUBIC)
             return np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         raise BadImageError(path, str(e) or type(e).__name__) from None

@@ -21,12 +21,23 @@ from hydra import compose, initialize_config_module
 
 from finetune.train import train
 
-POLICIES = ["auto", "linear_probe", "stage_probe", "partial", "full", "lp_ft", "gradual", "scratch"]
+# Row label -> overrides. stage_probe fine-tunes the kept stages by default; its frozen variant is a
+# pure linear probe on the best earlier stage (the CS231n "little + different" cell taken literally).
+POLICIES = {
+    "auto": ["policy=auto"],
+    "linear_probe": ["policy=linear_probe"],
+    "stage_probe": ["policy=stage_probe"],
+    "stage_probe_frozen": ["policy=stage_probe", "policy.train_stages=false"],
+    "partial": ["policy=partial"],
+    "full": ["policy=full"],
+    "lp_ft": ["policy=lp_ft"],
+    "gradual": ["policy=gradual"],
+    "scratch": ["policy=full", "model.weights=none"],
+}
 
 
 def run(root: str, policy: str, seed: int, extra: list[str]) -> dict:
-    overrides = [f"data.root={root}", f"seed={seed}", "trainer.enable_progress_bar=false", *extra]
-    overrides += ["policy=full", "model.weights=none"] if policy == "scratch" else [f"policy={policy}"]
+    overrides = [f"data.root={root}", f"seed={seed}", "trainer.enable_progress_bar=false", *POLICIES[policy], *extra]
     with tempfile.TemporaryDirectory() as tmp, initialize_config_module("finetune.conf", version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"run_dir={tmp}"])
         started = time.perf_counter()
@@ -41,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--policies", nargs="+", default=POLICIES)
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--out", default="bench_policy.json")
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
