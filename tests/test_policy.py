@@ -19,7 +19,7 @@ from finetune.policy.plan import make_plan
 from finetune.policy.stages import build_stage_map
 from finetune.train import train
 
-THRESHOLDS = {"small_max_per_class": 100, "similar_max_gap": 0.02}
+THRESHOLDS = {"small_max_per_class": 100, "similar_max_gap": 0.01}
 ACTIONS = {"small_similar": "linear_probe", "small_different": "stage_probe", "large_similar": "partial",
            "large_different": "full"}
 PP = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
@@ -44,14 +44,14 @@ def measurements(per_class: float, stage_acc: list[float], pre: float) -> Measur
         (500, [0.5, 0.6, 0.7, 0.8, 0.89], 0.895, "large_similar", "partial"),
         (500, [0.5, 0.7, 0.74, 0.82, 0.78], 0.77, "large_different", "full"),
         # On the thresholds: exactly small_max_per_class is "a lot"; a gap equal to the margin is "similar".
-        (100, [0.5, 0.6, 0.7, 0.8, 0.90], 0.88, "large_similar", "partial"),
+        (100, [0.5, 0.6, 0.7, 0.8, 0.89], 0.88, "large_similar", "partial"),
     ],
 )
 def test_decision_covers_all_four_cells(per_class, stages, pre, quadrant, policy):
     d = decide(measurements(per_class, stages, pre), THRESHOLDS, ACTIONS)
     assert (d.quadrant, d.policy) == (quadrant, policy)
     assert any("small_max_per_class=100" in r for r in d.reasons)
-    assert any("similar_max_gap=0.02" in r for r in d.reasons)
+    assert any("similar_max_gap=0.01" in r for r in d.reasons)
 
 
 def test_thresholds_come_from_config():

@@ -62,7 +62,7 @@ def choose_policy(
             )
         measurements = measure(
             model, index, pp, pretrained_head, max_per_class=int(m_cfg["max_per_class"]),
-            max_images=int(m_cfg["max_images"]), folds=int(m_cfg["folds"]), seed=seed,
+            max_images=int(m_cfg["max_images"]), folds=int(m_cfg["folds"]), seed=int(m_cfg.get("seed", seed)),
         )
         actions = dict(policy_cfg["actions"])
         for quadrant, action in actions.items():
