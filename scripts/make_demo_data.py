@@ -145,7 +145,7 @@ def main() -> None:
         existed = download_root.exists()
         try:
             splits = load_from_torchvision(download_root)
-        except Exception as exc:  # ImportError, network errors, bad checksums, ...
+        except Exception as exc:  # noqa: BLE001  (ImportError, network errors, bad checksums, ...)
             if not existed:
                 shutil.rmtree(download_root, ignore_errors=True)
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())

@@ -192,7 +192,8 @@ def test_linear_probe_uses_feature_cache_and_matches_image_path(split_folders, f
 
 
 def read_lrs(run_dir) -> list[dict[str, float]]:
-    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
+    with open(run_dir / "logs" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     return [{k: float(v) for k, v in r.items() if k.startswith("lr-") and v} for r in rows if r.get("lr-AdamW/head")]
 
 

@@ -45,7 +45,7 @@ class Preprocessing:
     @property
     def resize_size(self) -> int:
         """Shorter side before the centre crop (timm's convention: size / crop_pct)."""
-        return max(self.image_size, int(round(self.image_size / self.crop_pct)))
+        return max(self.image_size, round(self.image_size / self.crop_pct))
 
     @property
     def cv2_interpolation(self) -> int:
@@ -57,7 +57,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
         return cls(
             image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
             interpolation=str(d["interpolation"]), crop_pct=float(d["crop_pct"]),
@@ -115,7 +115,7 @@ def build_albumentation(item: Any, where: str) -> A.BasicTransform:
         raise FinetuneError(f"{where}: '{name}' is not an albumentations transform.{close_matches(str(name), choices)}")
     try:
         return cls(**dict(params or {}))
-    except Exception as e:  # albumentations validates with pydantic: ValidationError, TypeError, ValueError
+    except Exception as e:  # noqa: BLE001  (pydantic ValidationError, TypeError, ValueError: all caused by the config)
         first = str(e).strip().splitlines()
         raise FinetuneError(f"{where}: bad parameters for {name} {dict(params or {})}: {' '.join(first[:3])}") from None
 

@@ -36,12 +36,15 @@ def decide(m: Measurements, thresholds: Mapping[str, Any], actions: Mapping[str,
     similar = m.depth_gap <= thresholds["similar_max_gap"]
     quadrant = f"{'small' if small else 'large'}_{'similar' if similar else 'different'}"
     where = "pre-logits features" if m.best_stage is None else f"stage {m.best_stage}"
-    reasons = [
+    size_reason = (
         f"size: median {per_class:g} training images per class "
         f"{'<' if small else '>='} small_max_per_class={thresholds['small_max_per_class']} -> "
-        f"{'little' if small else 'a lot of'} data",
+        f"{'little' if small else 'a lot of'} data"
+    )
+    similarity_reason = (
         f"similarity: best cross-validated probe is on {where} ({m.best_acc:.3f}); pre-logits {m.prelogits_probe_acc:.3f}; "
         f"gap {m.depth_gap:.3f} {'<=' if similar else '>'} similar_max_gap={thresholds['similar_max_gap']} -> "
-        f"{'similar to' if similar else 'different from'} the pretraining domain",
-    ]
+        f"{'similar to' if similar else 'different from'} the pretraining domain"
+    )
+    reasons = [size_reason, similarity_reason]
     return Decision(quadrant, actions[quadrant], small, similar, reasons)
