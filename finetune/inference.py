@@ -37,7 +37,8 @@ def _split_to_score(index: DatasetIndex, split: str) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Accuracy and loss of ``cfg.ckpt`` on ``cfg.data.root``; written to RUN/eval_metrics.json."""
     loaded = load_classifier(cfg.ckpt)
-    index = scan_dataset(cfg.data.root, val_fraction=0.0, test_fraction=0.0)
+    # One class is fine here: scoring a checkpoint on a folder of a single class is a real use.
+    index = scan_dataset(cfg.data.root, val_fraction=0.0, test_fraction=0.0, min_classes=1)
     split = _split_to_score(index, cfg.split)
     unknown = [c for c in index.classes if c not in loaded.classes]
     if unknown:
@@ -58,14 +59,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = {
         "ckpt": str(Path(cfg.ckpt).resolve()),
         "data_root": index.root,
-        "split": split,
+        "split": "all" if index.layout == "class_folders" else split,
         "images": len(samples),
         "acc": float(results["test/acc"]),
         "loss": float(results["test/loss"]),
     }
     run_dir = resolve_run_dir(cfg)
     write_json(run_dir / "eval_metrics.json", metrics)
-    print(f"Accuracy {metrics['acc']:.4f}, loss {metrics['loss']:.4f} on {len(samples)} images ({split} of {index.root})")
+    print(f"Accuracy {metrics['acc']:.4f}, loss {metrics['loss']:.4f} on {len(samples)} images "
+          f"({metrics['split']} of {index.root})")
     print(f"Written: {run_dir / 'eval_metrics.json'}")
     return metrics
 

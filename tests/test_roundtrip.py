@@ -142,7 +142,7 @@ def test_evaluate_subset_of_classes_remaps_labels_by_name(trained, tmp_path):
             (root / kind).mkdir(parents=True, exist_ok=True)
             (root / kind / p.name).write_bytes(p.read_bytes())
     metrics = evaluate(_eval_cfg(trained["ckpt"], root, tmp_path / "e"))
-    assert metrics["split"] == "train" and metrics["images"] == 8
+    assert metrics["split"] == "all" and metrics["images"] == 8
 
     loaded = load_classifier(trained["ckpt"])
     index = scan_dataset(root, val_fraction=0.0)
@@ -162,3 +162,13 @@ def test_evaluate_unknown_class_is_a_clear_error(trained, tmp_path):
     with pytest.raises(FinetuneError, match="triangle") as err:
         evaluate(_eval_cfg(trained["ckpt"], root, tmp_path / "e"))
     assert "circle, square, stripes" in str(err.value)
+
+
+def test_evaluate_a_single_class_folder(trained, tmp_path):
+    """Scoring a checkpoint on images of one class is a real use (e.g. a new batch of one product)."""
+    root = tmp_path / "one"
+    for p in (trained["root"] / "test" / "square").glob("*.png"):
+        (root / "square").mkdir(parents=True, exist_ok=True)
+        (root / "square" / p.name).write_bytes(p.read_bytes())
+    metrics = evaluate(_eval_cfg(trained["ckpt"], root, tmp_path / "e"))
+    assert metrics["images"] == 4 and 0.0 <= metrics["acc"] <= 1.0

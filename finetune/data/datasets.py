@@ -199,6 +199,7 @@ def scan_dataset(
     test_fraction: float = 0.0,
     seed: int = 0,
     key: str = "data.root",
+    min_classes: int = 2,
 ) -> DatasetIndex:
     """Scan ``root`` (any of the three layouts) and return classes and train/val(/test) samples.
 
@@ -230,7 +231,7 @@ def scan_dataset(
         layout = "class_folders"
         pairs = {"train": _scan_class_folders(root, key, None, ignored)}
         classes = sorted({c for _, c in pairs["train"]})
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise FinetuneError(
             f"{key}={root} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least 2. "
             f"Put each class's images in its own sub-folder."
