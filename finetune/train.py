@@ -27,7 +27,7 @@ from finetune.data.datasets import scan_dataset
 from finetune.data.transforms import resolve_preprocessing
 from finetune.models.backbone import BackboneSpec, attach_head, check_backbone_name, load_pretrained
 from finetune.models.module import ImageClassifier
-from finetune.policy.cache import CachedFeatureDataModule
+from finetune.policy.cache import CachedFeatureDataModule, warm_start_head
 from finetune.policy.choose import choose_policy, format_policy_block
 from finetune.policy.stages import build_stage_map
 from finetune.run_files import write_json, write_text
@@ -97,6 +97,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         head_l2=float(policy_cfg.get("head_l2", 0.0)),
     )
     data = CachedFeatureDataModule(datamodule, net, full_batch=module.head_solver == "lbfgs") if use_cache else datamodule
+    if not use_cache and "head" in plan.unfreeze_at and bool(policy_cfg.get("head_warm_start", False)) and not resume:
+        warm_start_head(net, datamodule, float(policy_cfg.get("head_l2", 0.0)))
     trainable, frozen = count_parameters(module)
     record = choice.record() | {
         "parameters": {"trainable": trainable, "frozen": frozen, "per_group": stage_map.parameter_counts(net)},

@@ -20,7 +20,7 @@ from finetune.data.datamodule import ImageDataModule
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a warm-started head backpropagates through these tensors
 def pooled_features(net: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     """What the classifier sees (timm's forward_head(pre_logits=True)) for every batch of ``loader``."""
     was_training = net.training
@@ -73,3 +73,36 @@ class CachedFeatureDataModule(L.LightningDataModule):
 
     def has_split(self, split: str) -> bool:
         return self.images.has_split(split)
+
+
+def fit_head_lbfgs(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, l2: float, max_iter: int = 200) -> float:
+    """Fit a linear head to convergence on fixed features (full batch L-BFGS); returns the final loss."""
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(head(features), labels) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+        return float(closure())
+
+
+def warm_start_head(net: nn.Module, images: ImageDataModule, l2: float) -> float:
+    """LP-FT's first step (Kumar et al., ICLR 2022): fit the new head on the pretrained features
+    before fine-tuning, so early updates do not push random-head gradients into the backbone."""
+    from finetune.data.datamodule import ImageListDataset
+    from finetune.data.transforms import eval_transform
+
+    images.setup("fit")
+    train = images.datasets["train"]
+    plain = ImageListDataset(train.samples, eval_transform(images.preprocessing), train.images, train.max_side)
+    started = time.perf_counter()
+    features, labels = pooled_features(net, DataLoader(plain, batch_size=images.eval_batch_size))
+    loss = fit_head_lbfgs(net.get_classifier(), features, labels, l2)
+    log.info("Head warm start: linear probe on %d training images, loss %.3f, %.1f s", len(labels), loss,
+             time.perf_counter() - started)
+    return loss
