@@ -226,3 +226,21 @@ def test_unfreezing_survives_plateau_reduction_and_resume(policy, class_folders,
     if policy == "gradual":  # stage 0 is still frozen at epoch 4 (unfreezes at 5): weights and BatchNorm statistics untouched
         assert torch.equal(end["net.conv_stem.weight"], start["net.conv_stem.weight"])
         assert torch.equal(end["net.bn1.running_mean"], start["net.bn1.running_mean"])
+
+
+def test_bad_policy_values_are_clear_errors(lite0):
+    from omegaconf import OmegaConf
+
+    from finetune.errors import FinetuneError
+    from finetune.policy.choose import choose_policy
+    from tests.conftest import make_cfg
+
+    cfg = OmegaConf.to_container(make_cfg(["policy.actions.small_similar=bogus"]).policy)
+    with pytest.raises(FinetuneError, match="policy.actions.small_similar=bogus"):
+        choose_policy(cfg, lite0, index=None, pp=PP, pretrained_head=True, seed=0)  # fails before measuring
+    with pytest.raises(FinetuneError, match="policy.stage=9"):
+        make_plan("stage_probe", {"stage": 9}, num_stages=5, best_stage=None)
+    with pytest.raises(FinetuneError, match="policy.top_stages=7"):
+        make_plan("partial", {"top_stages": 7}, num_stages=5, best_stage=None)
+    with pytest.raises(FinetuneError, match="policy.name=nope"):
+        make_plan("nope", {}, num_stages=5, best_stage=None)

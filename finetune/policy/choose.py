@@ -53,6 +53,10 @@ def choose_policy(
     thresholds = dict(policy_cfg["thresholds"])
     needs_measure = requested == "auto" or (requested == "stage_probe" and policy_cfg.get("stage") in (None, "auto"))
     m_cfg = policy_cfg["measure"]
+    actions = dict(policy_cfg["actions"])
+    for quadrant, action in actions.items():
+        if action not in POLICIES or action == "auto":
+            raise FinetuneError(f"policy.actions.{quadrant}={action} must be one of {', '.join(POLICIES[1:])}.")
     measurements = decision = None
     if needs_measure or str(m_cfg.get("enabled", "auto")).lower() == "true":
         if not hasattr(model, "forward_intermediates"):
@@ -64,10 +68,6 @@ def choose_policy(
             model, index, pp, pretrained_head, max_per_class=int(m_cfg["max_per_class"]),
             max_images=int(m_cfg["max_images"]), folds=int(m_cfg["folds"]), seed=int(m_cfg.get("seed", seed)),
         )
-        actions = dict(policy_cfg["actions"])
-        for quadrant, action in actions.items():
-            if action not in POLICIES or action == "auto":
-                raise FinetuneError(f"policy.actions.{quadrant}={action} must be one of {', '.join(POLICIES[1:])}.")
         decision = decide(measurements, thresholds, actions)
     applied = decision.policy if requested == "auto" else requested
     best_stage = measurements.best_stage if measurements else None
