@@ -50,8 +50,11 @@ def report_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
 def train_main(cfg: DictConfig) -> float | None:
     from finetune.train import train
 
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     metrics = train(cfg)
-    print(f"Run folder: {metrics['run_dir']}")
+    if rank_zero_only.rank == 0:  # under DDP every rank runs this; the run folder is one
+        print(f"Run folder: {metrics['run_dir']}")
     value = metrics.get(cfg.monitor)
     return float(value) if value is not None else None  # what Hydra sweepers optimise
 
