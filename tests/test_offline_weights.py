@@ -54,6 +54,23 @@ def test_offline_weights_classify_real_photos(imagenet_lite0):
     assert float(cat[[TABBY, TIGER_CAT, EGYPTIAN_CAT]].sum()) > 0.8
 
 
+def test_offline_weights_give_the_exact_classes_on_whole_photos(imagenet_lite0):
+    """The whole photo resized to the model's input (no centre crop, which cuts the cat's head):
+    cat -> 285 (Egyptian cat), espresso -> 967, each with the model's own mean/std."""
+    cfg = resolve_data_config({}, model=imagenet_lite0)
+    size = cfg["input_size"][-1]
+    mean, std = torch.tensor(cfg["mean"])[:, None, None], torch.tensor(cfg["std"])[:, None, None]
+    batch = torch.stack([
+        (torch.from_numpy(np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))).permute(2, 0, 1) / 255
+         - mean) / std
+        for img in (skimage_data.chelsea(), skimage_data.coffee())
+    ]).float()
+    with torch.inference_mode():
+        probs = imagenet_lite0(batch).softmax(dim=-1)
+    assert probs.argmax(dim=-1).tolist() == [EGYPTIAN_CAT, ESPRESSO]
+    assert float(probs[0, EGYPTIAN_CAT]) > 0.5 and float(probs[1, ESPRESSO]) > 0.8
+
+
 def test_offline_batchnorm_statistics_match_their_layers(imagenet_lite0):
     """Each BatchNorm's stored running mean should track the mean of what actually reaches it.
 
