@@ -48,9 +48,9 @@ def report_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @report_errors
 def train_main(cfg: DictConfig) -> float | None:
-    from finetune.train import train
-
     from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from finetune.train import train
 
     metrics = train(cfg)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this; the run folder is one
