@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.data.transforms import Preprocessing
 from finetune.models.backbone import BackboneSpec
+from finetune.policy.cache import head_l2_penalty, head_lbfgs
 from finetune.policy.freeze import frozen_to_eval, param_groups, set_trainable
 from finetune.policy.plan import Plan
 from finetune.policy.stages import StageMap
@@ -108,7 +109,7 @@ class ImageClassifier(L.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         if stage == "train" and self.head_solver == "lbfgs" and self.head_l2 > 0:
-            loss = loss + self.head_l2 * self.net.get_classifier().weight.pow(2).sum()
+            loss = loss + head_l2_penalty(self.net.get_classifier(), self.head_l2)
         metric(logits, y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=not on_step)
@@ -129,9 +130,7 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         if self.head_solver == "lbfgs":
-            return torch.optim.LBFGS(
-                self.net.get_classifier().parameters(), lr=1.0, max_iter=50, history_size=20, line_search_fn="strong_wolfe"
-            )
+            return head_lbfgs(self.net.get_classifier(), max_iter=50)  # 50 iterations per epoch
         if self.optimizer_factory is None:
             raise RuntimeError("ImageClassifier was built without an optimizer (inference only).")
         keywords = getattr(self.optimizer_factory, "keywords", {})

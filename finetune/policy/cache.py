@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune.data.datamodule import ImageDataModule
+from finetune.data.datamodule import ImageDataModule, ImageListDataset
+from finetune.data.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,23 @@ class CachedFeatureDataModule(L.LightningDataModule):
         return self.images.has_split(split)
 
 
+def head_lbfgs(head: nn.Module, max_iter: int) -> torch.optim.LBFGS:
+    """The full-batch L-BFGS used for every head trained on fixed features."""
+    return torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+
+
+def head_l2_penalty(head: nn.Module, l2: float) -> torch.Tensor:
+    """L2 on the head's weights (L-BFGS has no weight_decay), on the mean-loss scale."""
+    return l2 * head.weight.pow(2).sum()
+
+
 def fit_head_lbfgs(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, l2: float, max_iter: int = 200) -> float:
     """Fit a linear head to convergence on fixed features (full batch L-BFGS); returns the final loss."""
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                                  line_search_fn="strong_wolfe")
+    optimizer = head_lbfgs(head, max_iter)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(head(features), labels) + l2 * head.weight.pow(2).sum()
+        loss = nn.functional.cross_entropy(head(features), labels) + head_l2_penalty(head, l2)
         loss.backward()
         return loss
 
@@ -94,9 +104,6 @@ def fit_head_lbfgs(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor
 def warm_start_head(net: nn.Module, images: ImageDataModule, l2: float) -> float:
     """LP-FT's first step (Kumar et al., ICLR 2022): fit the new head on the pretrained features
     before fine-tuning, so early updates do not push random-head gradients into the backbone."""
-    from finetune.data.datamodule import ImageListDataset
-    from finetune.data.transforms import eval_transform
-
     images.setup("fit")
     train = images.datasets["train"]
     plain = ImageListDataset(train.samples, eval_transform(images.preprocessing), train.images, train.max_side)
