@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 # Everything the LightningModule logs; monitors must name one of these.
 LOGGED_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
-# Keys of a scheduler config that Lightning reads (the rest goes to the scheduler class).
+# Keys of a scheduler config that Lightning or finetune read (the rest goes to the scheduler class).
 LIGHTNING_SCHEDULER_KEYS = ("monitor", "interval", "frequency")
+WARMUP_KEYS = ("warmup_epochs", "warmup_start_factor")
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -76,6 +77,44 @@ def validate_train_config(cfg: DictConfig) -> None:
             raise FinetuneError(f"data.{key}={cfg.data[key]} must be in [0, 1).")
     if float(cfg.data.val_fraction) + float(cfg.data.test_fraction) >= 1:
         raise FinetuneError("data.val_fraction + data.test_fraction must leave training images (sum < 1).")
+    _validate_recipe(cfg)
+
+
+def _validate_recipe(cfg: DictConfig) -> None:
+    """Optimizer, scheduler, regularization, ensemble and TTA values that no schema can check."""
+    from finetune.inference import check_tta
+    from finetune.recipe.regularization import Regularization
+
+    Regularization.from_config(OmegaConf.to_container(cfg.get("regularization") or {}, resolve=True))
+    check_tta(cfg.get("tta"))
+    optimizer = str(cfg.optimizer.get("_target_", ""))
+    if optimizer.endswith("LBFGS"):
+        if any(tag in str(cfg.trainer.precision) for tag in ("16",)):
+            raise FinetuneError(
+                f"optimizer=lbfgs does not work with trainer.precision={cfg.trainer.precision}: its line search "
+                f"needs exact losses and gradients (Lightning refuses mixed precision with L-BFGS). "
+                f"Use trainer.precision=32-true or another optimizer."
+            )
+        if cfg.policy.name in ("lp_ft", "gradual"):
+            raise FinetuneError(
+                f"optimizer=lbfgs does not fit policy={cfg.policy.name}, which unfreezes layers during training "
+                f"(L-BFGS keeps one fixed set of parameters). Use another optimizer or a fixed policy."
+            )
+    warmup = cfg.scheduler.get("warmup_epochs", 0)
+    if not (isinstance(warmup, int) and warmup >= 0):
+        raise FinetuneError(f"scheduler.warmup_epochs={warmup} must be a whole number of epochs >= 0.")
+    ensemble = cfg.get("ensemble") or {}
+    size = ensemble.get("size", 1)
+    if not (isinstance(size, int) and size >= 1):
+        raise FinetuneError(f"ensemble.size={size} must be a positive integer (1 = no ensemble).")
+    if ensemble.get("snapshots", False):
+        if not str(cfg.scheduler.get("_target_", "")).endswith("cosine_restarts"):
+            raise FinetuneError(
+                "ensemble.snapshots=true takes a snapshot at the end of each LR cycle, so it needs "
+                "scheduler=cosine_restarts (set scheduler.cycle_epochs so that several cycles fit in trainer.max_epochs)."
+            )
+        if size > 1:
+            raise FinetuneError("ensemble.snapshots=true and ensemble.size>1 together are not supported; choose one.")
 
 
 def instantiate_named(group: str, node: DictConfig | None) -> list[Any]:
@@ -99,15 +138,15 @@ def instantiate_named(group: str, node: DictConfig | None) -> list[Any]:
 
 
 def build_optimizer_and_scheduler(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
-    """(optimizer partial, scheduler partial or None, Lightning's scheduler options)."""
+    """(optimizer partial, scheduler partial or None, scheduler options: Lightning's and the warmup)."""
     try:
         optimizer = instantiate(cfg.optimizer)
     except InstantiationException as e:
         raise FinetuneError(f"optimizer could not be built: {str(e.__cause__ or e).splitlines()[0]}") from None
     sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    options = {k: sched_cfg.pop(k) for k in (*LIGHTNING_SCHEDULER_KEYS, *WARMUP_KEYS) if k in sched_cfg}
     if not sched_cfg.get("_target_"):
-        return optimizer, None, {}
-    options = {k: sched_cfg.pop(k) for k in LIGHTNING_SCHEDULER_KEYS if k in sched_cfg}
+        return optimizer, None, {k: v for k, v in options.items() if k in WARMUP_KEYS}
     try:
         scheduler = instantiate(sched_cfg)
     except InstantiationException as e:

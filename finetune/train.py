@@ -7,6 +7,7 @@ on val (and test) -> run folder: config.yaml, classes.json, policy.json, metrics
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,11 +26,16 @@ from finetune.config import (
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.datasets import scan_dataset
 from finetune.data.transforms import resolve_preprocessing
+from finetune.errors import FinetuneError
+from finetune.inference import ENSEMBLE_FILE, device_for, load_members, member_probabilities, score_probabilities
 from finetune.models.backbone import BackboneSpec, attach_head, check_backbone_name, load_pretrained
 from finetune.models.module import ImageClassifier
 from finetune.policy.cache import CachedFeatureDataModule, warm_start_head
 from finetune.policy.choose import choose_policy, format_policy_block
 from finetune.policy.stages import build_stage_map
+from finetune.recipe.callbacks import PlateauReductionLog, SnapshotCheckpoint
+from finetune.recipe.regularization import Regularization
+from finetune.recipe.schedulers import cycle_end_epochs
 from finetune.run_files import write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -46,26 +52,48 @@ def _scores(results: list[dict[str, float]]) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fine-tune per ``cfg`` and return the metrics also written to ``RUN/metrics.json``."""
+    """Fine-tune per ``cfg`` and return the metrics also written to ``RUN/metrics.json``
+    (``ensemble.size`` > 1: train the members, then score their average)."""
     validate_train_config(cfg)
     check_backbone_name(cfg.model.backbone)  # a typo fails before any data is read
+    if int(cfg.ensemble.size) > 1:
+        return train_ensemble(cfg)
+    return train_single(cfg)
+
+
+def train_single(cfg: DictConfig) -> dict[str, Any]:
+    """One model: the pipeline in the module docstring."""
     resume = resume_checkpoint(cfg.get("resume"))
     if resume and not cfg.get("run_dir") and Path(str(cfg.resume)).is_dir():
         cfg = _with_value(cfg, "run_dir", str(Path(str(cfg.resume)).resolve()))  # continue in that folder
     run_dir = resolve_run_dir(cfg)
     cfg = _with_value(cfg, "run_dir", str(run_dir))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    regularization = Regularization.from_config(OmegaConf.to_container(cfg.regularization, resolve=True))
+    reductions = PlateauReductionLog()
+    callbacks = [*instantiate_named("callbacks", cfg.get("callbacks")), reductions]
+    snapshots = None
+    if cfg.ensemble.snapshots:
+        epochs = cycle_end_epochs(cfg.scheduler.cycle_epochs, cfg.scheduler.cycle_mult, cfg.trainer.max_epochs)
+        if len(epochs) < 2:
+            raise FinetuneError(
+                f"ensemble.snapshots=true needs at least two LR cycles, but scheduler.cycle_epochs="
+                f"{cfg.scheduler.cycle_epochs} (cycle_mult {cfg.scheduler.cycle_mult}) fits {len(epochs)} in "
+                f"trainer.max_epochs={cfg.trainer.max_epochs}. Shorten the cycles or train longer."
+            )
+        snapshots = SnapshotCheckpoint(run_dir / "checkpoints", epochs)
+        callbacks.append(snapshots)
     # Built before the heavy work, so a bad logger or callback fails in a second, not after measuring.
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         default_root_dir=str(run_dir),
         logger=instantiate_named("logger", cfg.get("logger")) or False,
-        callbacks=instantiate_named("callbacks", cfg.get("callbacks")),
+        callbacks=callbacks,
     )
 
     index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     log.info("Dataset: %s", index.summary())
-    kwargs = OmegaConf.to_container(cfg.model.kwargs)
+    kwargs = regularization.model_kwargs(OmegaConf.to_container(cfg.model.kwargs))
     backbone, weight_source, pretrained_head = load_pretrained(cfg.model.backbone, cfg.model.weights, **kwargs)
     preprocessing = resolve_preprocessing(backbone, cfg.data)
     log.info("Preprocessing (from %s's pretrained config unless overridden): %s", cfg.model.backbone, preprocessing.to_dict())
@@ -73,11 +101,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
     choice = choose_policy(policy_cfg, backbone, index, preprocessing, pretrained_head, cfg.seed)
     plan = choice.plan
-    spec = BackboneSpec(cfg.model.backbone, len(index.classes), kwargs, plan.cut_after_stage)
+    spec = BackboneSpec(cfg.model.backbone, len(index.classes), kwargs, plan.cut_after_stage, regularization.pooling)
     net = attach_head(backbone, spec)
     stage_map = build_stage_map(net)
     augment = OmegaConf.to_container(cfg.augment, resolve=True)
-    use_cache, cache_note = _cache_decision(policy_cfg, plan, augment)
+    use_cache, cache_note = _cache_decision(policy_cfg, plan, augment, regularization)
+    head_solver = str(policy_cfg.get("head_solver", "lbfgs"))
+    if use_cache and head_solver == "lbfgs" and (regularization.dropout > 0 or regularization.drop_connect > 0):
+        head_solver = "optimizer"  # random masks would make L-BFGS's line search see a different loss each call
+        cache_note += "; the head trains with the configured optimizer (dropout/DropConnect are random per step, which L-BFGS cannot use)"
     datamodule = ImageDataModule(
         index,
         preprocessing,
@@ -92,8 +124,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     optimizer, scheduler, scheduler_options = build_optimizer_and_scheduler(cfg)
     module = ImageClassifier(
         net, spec, index.classes, preprocessing, optimizer, scheduler, scheduler_options,
-        plan=plan, stage_map=stage_map, frozen_bn_eval=bool(policy_cfg.get("frozen_bn_eval", True)),
-        inputs_are_features=use_cache, head_solver=str(policy_cfg.get("head_solver", "lbfgs")),
+        regularization=regularization, plan=plan, stage_map=stage_map, frozen_bn_eval=bool(policy_cfg.get("frozen_bn_eval", True)),
+        inputs_are_features=use_cache, head_solver=head_solver,
         head_l2=float(policy_cfg.get("head_l2", 0.0)),
     )
     data = CachedFeatureDataModule(datamodule, net, full_batch=module.head_solver == "lbfgs") if use_cache else datamodule
@@ -117,6 +149,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("Resuming from %s", resume)
     trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     fit_seconds = time.perf_counter() - started
+    # Read now: validate/test below restore callback state from the best checkpoint, an earlier epoch.
+    lr_reductions = list(reductions.reductions)
+    snapshot_paths = list(snapshots.paths) if snapshots is not None else []
 
     best = _best_checkpoint(trainer)
     metrics: dict[str, Any] = {}
@@ -133,20 +168,104 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "policy": plan.policy,
             "parameters": {"trainable": trainable, "frozen": frozen},
             "images": {split: len(s) for split, s in index.splits.items()},
+            "regularization": regularization.to_dict(),
+            "lr_reductions": lr_reductions,
         }
     )
+    if trainer.is_global_zero and cfg.tta and best:
+        metrics["tta"] = {"views": list(cfg.tta), **_flat(score_checkpoints([best], index, list(cfg.tta), cfg))}
+    if trainer.is_global_zero and snapshot_paths:
+        metrics["snapshot_ensemble"] = {
+            "snapshots": snapshot_paths,
+            **_flat(score_checkpoints(snapshot_paths, index, list(cfg.tta), cfg)),
+        }
+        write_json(run_dir / ENSEMBLE_FILE, {"members": [str(Path(p).relative_to(run_dir)) for p in snapshot_paths],
+                                             "kind": "snapshot"})
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
         summary = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("val/acc", "test/acc") if k in metrics)
         log.info("Finished in %.1f s (%d epochs): %s", fit_seconds, metrics["epochs"], summary)
+        if "snapshot_ensemble" in metrics:
+            log.info("Snapshot ensemble of %d: %s", len(snapshot_paths), _summary(metrics["snapshot_ensemble"]))
+        if "tta" in metrics:
+            log.info("With TTA (%s): %s", "+".join(cfg.tta), _summary(metrics["tta"]))
     return metrics
 
 
+def train_ensemble(cfg: DictConfig) -> dict[str, Any]:
+    """``ensemble.size`` members with seeds seed, seed+1, ... in RUN/members/<k>, then their averaged
+    probabilities scored on val/test. A member whose metrics.json exists is reused (rerun = resume)."""
+    run_dir = resolve_run_dir(cfg)
+    size = int(cfg.ensemble.size)
+    members = []
+    for k in range(size):
+        member_dir = run_dir / "members" / str(k)
+        done = member_dir / "metrics.json"
+        if done.is_file() and not cfg.get("resume"):
+            log.info("Ensemble member %d/%d: reusing the finished run in %s", k + 1, size, member_dir)
+            result = json.loads(done.read_text())
+        else:
+            log.info("Ensemble member %d/%d (seed %d) -> %s", k + 1, size, cfg.seed + k, member_dir)
+            member_cfg = _with_values(cfg, {"seed": int(cfg.seed) + k, "run_dir": str(member_dir), "ensemble.size": 1,
+                                            "resume": str(member_dir) if cfg.get("resume") and (member_dir / "checkpoints" / "last.ckpt").is_file() else None})
+            result = train_single(member_cfg)
+        if not result.get("best_checkpoint"):
+            raise FinetuneError(f"ensemble member {k} in {member_dir} kept no checkpoint; the ensemble needs best.ckpt.")
+        members.append({"seed": int(cfg.seed) + k, "run_dir": str(member_dir), "checkpoint": result["best_checkpoint"],
+                        **{key: result[key] for key in ("val/acc", "test/acc") if key in result}})
+    index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    scores = score_checkpoints([m["checkpoint"] for m in members], index, list(cfg.tta), cfg)
+    metrics: dict[str, Any] = {
+        **_flat(scores),
+        "ensemble": {"size": size, "members": members, "tta": list(cfg.tta)},
+        "run_dir": str(run_dir),
+    }
+    for key in ("val/acc", "test/acc"):
+        values = [m[key] for m in members if key in m]
+        if values:
+            metrics["ensemble"][f"mean_member_{key}"] = sum(values) / len(values)
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_json(run_dir / ENSEMBLE_FILE, {"members": [str(Path(m["checkpoint"]).relative_to(run_dir)) for m in members],
+                                         "kind": "seeds"})
+    write_json(run_dir / "metrics.json", metrics)
+    log.info("Ensemble of %d: %s (mean member: %s)", size, _summary(metrics),
+             ", ".join(f"{k}={metrics['ensemble'][f'mean_member_{k}']:.4f}" for k in ("val/acc", "test/acc")
+                       if f"mean_member_{k}" in metrics["ensemble"]))
+    return metrics
+
+
+def score_checkpoints(paths: list[str], index, tta: list[str], cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Averaged-probability scores of checkpoints on the run's own val and test splits."""
+    members = load_members(paths, key="ensemble")
+    device = device_for(str(cfg.trainer.accelerator))
+    out = {}
+    for split in ("val", "test"):
+        samples = index.splits.get(split) or []
+        if samples:
+            probs = member_probabilities(members, samples, tta, int(cfg.data.eval_batch_size or cfg.data.batch_size), device)
+            out[split] = score_probabilities(probs, [label for _, label in samples])
+    return out
+
+
+def _flat(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{"val": {"acc":..}} -> {"val/acc":.., "val/loss":.., "val/member_acc": [..]}."""
+    return {f"{split}/{k}": v for split, values in scores.items() for k, v in values.items()}
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={metrics[k]:.4f}" for k in ("val/acc", "test/acc") if k in metrics)
+
+
 def _with_value(cfg: DictConfig, key: str, value: Any) -> DictConfig:
-    """A copy of ``cfg`` with one top-level value set (the composed config is in struct mode)."""
+    return _with_values(cfg, {key: value})
+
+
+def _with_values(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
+    """A copy of ``cfg`` with (dotted) keys set (the composed config is in struct mode)."""
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
-    cfg[key] = value
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -168,10 +287,13 @@ def augment_is_active(augment: dict[str, Any] | None) -> bool:
     return bool(augment) and (augment.get("crop", "center") != "center" or bool(augment.get("transforms")))
 
 
-def _cache_decision(policy_cfg: dict[str, Any], plan, augment: dict[str, Any] | None) -> tuple[bool, str]:
+def _cache_decision(policy_cfg: dict[str, Any], plan, augment: dict[str, Any] | None,
+                    regularization: Regularization | None = None) -> tuple[bool, str]:
     """Cache frozen features when only the head trains (and the user did not turn caching off)."""
     if not plan.head_only:
         return False, "not used: layers below the head train, so features change every step"
+    if regularization is not None and regularization.pooling != "avg":
+        return False, f"not used: regularization.pooling={regularization.pooling} draws new pooling regions every step"
     if str(policy_cfg.get("cache", "auto")).lower() in ("false", "off", "no"):
         return False, "off (policy.cache=false): the head trains through the frozen network every epoch"
     if augment_is_active(augment):

@@ -35,21 +35,23 @@ class BackboneSpec:
     num_classes: int
     kwargs: dict[str, Any]
     cut_after_stage: int | None = None
+    pooling: str = "avg"  # global pooling before the head: avg | fractional_max (regularization.pooling)
 
     def build(self) -> nn.Module:
-        if self.cut_after_stage is None:
-            return timm.create_model(self.name, pretrained=False, num_classes=self.num_classes, **self.kwargs)
         return attach_head(timm.create_model(self.name, pretrained=False, **self.kwargs), self)
 
 
 def attach_head(model: nn.Module, spec: BackboneSpec) -> nn.Module:
     """A fresh ``spec.num_classes`` head: on the last stage (timm's reset_classifier) or after a cut."""
+    from finetune.recipe.regularization import apply_head_pooling
+
     if spec.cut_after_stage is None:
         model.reset_classifier(spec.num_classes)
-        return model
+        return apply_head_pooling(model, spec.pooling)
     from finetune.models.stage_probe import StageProbeNet
 
-    return StageProbeNet(model, spec.cut_after_stage, spec.num_classes, float(spec.kwargs.get("drop_rate", 0.0)))
+    net = StageProbeNet(model, spec.cut_after_stage, spec.num_classes, float(spec.kwargs.get("drop_rate", 0.0)))
+    return apply_head_pooling(net, spec.pooling)
 
 
 def check_backbone_name(name: str, key: str = "model.backbone") -> None:
@@ -103,7 +105,7 @@ def load_pretrained(name: str, weights: str | None, **kwargs: Any) -> tuple[nn.M
         else:  # hub
             model = _create_from_hub(name, kwargs)
     except TypeError as e:
-        raise FinetuneError(f"model.* options do not fit {name}: {e}. Remove the option or pick another backbone.") from None
+        raise FinetuneError(_option_error(name, str(e), kwargs)) from None
     except RuntimeError as e:
         if source == "file":
             raise FinetuneError(
@@ -114,6 +116,20 @@ def load_pretrained(name: str, weights: str | None, **kwargs: Any) -> tuple[nn.M
     label = {"file": f"file {weights}", "offline": "bundled offline ImageNet weights"}.get(source, source)
     log.info("Backbone %s (weights: %s)", name, label)
     return model, source, source in ("offline", "hub")
+
+
+# timm keyword -> the finetune key that sets it (so an error names what the user typed).
+TIMM_KWARG_KEYS = {"drop_rate": "regularization.dropout", "drop_path_rate": "regularization.drop_path"}
+
+
+def _option_error(name: str, message: str, kwargs: dict[str, Any]) -> str:
+    bad = next((k for k in kwargs if f"'{k}'" in message), None)
+    if bad is None:
+        return f"model.* options do not fit {name}: {message}. Remove the option or pick another backbone."
+    key = TIMM_KWARG_KEYS.get(bad, f"model.kwargs.{bad}")
+    what = {"drop_path_rate": "stochastic depth (it has no residual blocks timm can drop)"}.get(bad, f"the option {bad}")
+    return (f"{key}={kwargs[bad]}: backbone {name} does not support {what}. Set {key} back to its default, or choose "
+            f"a backbone that has it (e.g. EfficientNet, ResNet, ConvNeXt, ViT).")
 
 
 def create_backbone(name: str, weights: str | None, num_classes: int, **kwargs: Any) -> tuple[nn.Module, BackboneSpec, str]:

@@ -75,7 +75,8 @@ def load_classifier(path: str | Path | None, key: str = "ckpt") -> LoadedCheckpo
     data = read_checkpoint(path, key)
     meta = data[CHECKPOINT_KEY]
     spec = BackboneSpec(
-        meta["backbone"], int(meta["num_classes"]), dict(meta.get("model_kwargs") or {}), meta.get("cut_after_stage")
+        meta["backbone"], int(meta["num_classes"]), dict(meta.get("model_kwargs") or {}), meta.get("cut_after_stage"),
+        str(meta.get("pooling", "avg")),
     )
     preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     module = ImageClassifier(spec.build(), spec, list(meta["classes"]), preprocessing)

@@ -17,11 +17,14 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.data.transforms import Preprocessing
+from finetune.errors import FinetuneError
 from finetune.models.backbone import BackboneSpec
 from finetune.policy.cache import head_l2_penalty, head_lbfgs
 from finetune.policy.freeze import frozen_to_eval, param_groups, set_trainable
 from finetune.policy.plan import Plan
 from finetune.policy.stages import StageMap
+from finetune.recipe.regularization import Regularization, WeightPenalty, drop_connect_linear, set_batchnorm_eval
+from finetune.recipe.schedulers import build_lr_schedulers
 
 CHECKPOINT_KEY = "finetune"
 CHECKPOINT_FORMAT = 1
@@ -40,7 +43,7 @@ class ImageClassifier(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         scheduler_options: Mapping[str, Any] | None = None,
-        label_smoothing: float = 0.0,
+        regularization: Regularization | None = None,
         plan: Plan | None = None,
         stage_map: StageMap | None = None,
         frozen_bn_eval: bool = True,
@@ -56,7 +59,8 @@ class ImageClassifier(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_options = dict(scheduler_options or {})
-        self.label_smoothing = label_smoothing
+        self.regularization = regularization or Regularization()
+        self.label_smoothing = float(self.regularization.label_smoothing)
         self.plan = plan
         self.stage_map = stage_map
         self.frozen_bn_eval = frozen_bn_eval
@@ -67,6 +71,9 @@ class ImageClassifier(L.LightningModule):
         self.head_l2 = head_l2
         if plan is not None:
             self.apply_plan(epoch=0)
+        # Penalties (L1, L2, L2-SP) added to the training loss; L2-SP's anchors are the weights now.
+        head_names = set(stage_map.groups["head"]) if stage_map is not None else set()
+        self.penalty = WeightPenalty(net, self.regularization, head_names) if self.regularization.has_penalty else None
         self.save_hyperparameters(
             {"backbone": spec.name, "classes": self.classes, "preprocessing": preprocessing.to_dict()}
         )
@@ -76,6 +83,12 @@ class ImageClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop_connect = float(self.regularization.drop_connect)
+        if self.training and self.inputs_are_features and self.regularization.dropout > 0:
+            x = F.dropout(x, self.regularization.dropout)  # cached features were pooled without it
+        if self.training and drop_connect > 0:
+            features = x if self.inputs_are_features else self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+            return drop_connect_linear(features, self.net.get_classifier(), drop_connect)
         if self.inputs_are_features:
             return self.net.get_classifier()(x)
         return self.net(x)
@@ -93,6 +106,8 @@ class ImageClassifier(L.LightningModule):
         super().train(mode)
         if mode and self.frozen_bn_eval and self.plan is not None:
             frozen_to_eval(self.net)
+        if mode and self.regularization.trainable_bn == "eval":
+            set_batchnorm_eval(self.net)
         return self
 
     def on_train_epoch_start(self) -> None:
@@ -110,6 +125,10 @@ class ImageClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         if stage == "train" and self.head_solver == "lbfgs" and self.head_l2 > 0:
             loss = loss + head_l2_penalty(self.net.get_classifier(), self.head_l2)
+        if stage == "train" and self.penalty is not None:
+            penalty = self.penalty(self.net)
+            self.log("train/penalty", penalty, on_step=False, on_epoch=True, batch_size=len(y))
+            loss = loss + penalty
         metric(logits, y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=not on_step)
@@ -134,23 +153,35 @@ class ImageClassifier(L.LightningModule):
         if self.optimizer_factory is None:
             raise RuntimeError("ImageClassifier was built without an optimizer (inference only).")
         keywords = getattr(self.optimizer_factory, "keywords", {})
-        weight_decay = keywords.get("weight_decay", 0.0)
-        if self.plan is not None:
+        if getattr(self.optimizer_factory, "func", None) is torch.optim.LBFGS:
+            groups = self._lbfgs_parameters()
+        elif self.plan is not None:
             # Every stage group from step one (frozen ones too): schedulers and resume see a fixed set.
-            groups = param_groups(self.net, self.stage_map, self.plan, keywords.get("lr", 1e-3), weight_decay)
+            groups = param_groups(self.net, self.stage_map, self.plan, keywords.get("lr", 1e-3), keywords.get("weight_decay", 0.0))
         else:
             # No weight decay on norm layers and biases (timm's helper).
-            groups = param_groups_weight_decay(self.net, weight_decay=weight_decay)
+            groups = param_groups_weight_decay(self.net, weight_decay=keywords.get("weight_decay", 0.0))
         optimizer = self.optimizer_factory(groups)
-        if self.scheduler_factory is None:
+        options = dict(self.scheduler_options)
+        warmup_epochs = int(options.pop("warmup_epochs", 0) or 0)
+        warmup_start_factor = float(options.pop("warmup_start_factor", 0.1))
+        if self.scheduler_factory is None and warmup_epochs == 0:
             return optimizer
-        extra = {}
-        if getattr(self.scheduler_factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR:
-            # Peak at each group's own (discriminative) LR, over the steps this run will take.
-            extra = {"max_lr": [g["lr"] for g in optimizer.param_groups],
-                     "total_steps": int(self.trainer.estimated_stepping_batches)}
-        scheduler = {"scheduler": self.scheduler_factory(optimizer, **extra), **self.scheduler_options}
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        total_steps = int(self.trainer.estimated_stepping_batches)  # also loads the train dataloader
+        steps_per_epoch = max(1, -(-int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches))
+        schedulers = build_lr_schedulers(optimizer, self.scheduler_factory, options, warmup_epochs,
+                                         warmup_start_factor, steps_per_epoch, total_steps)
+        return [optimizer], schedulers
+
+    def _lbfgs_parameters(self) -> list[torch.nn.Parameter]:
+        """L-BFGS takes one group with a fixed parameter set: what trains from the first epoch."""
+        if self.plan is not None and any(epoch > 0 for epoch in self.plan.unfreeze_at.values()):
+            raise FinetuneError(
+                f"optimizer=lbfgs does not fit policy {self.plan.policy}, which unfreezes layers during training "
+                f"(L-BFGS keeps one fixed set of parameters and its curvature history). Use another optimizer, "
+                f"or a policy whose trainable set is fixed (linear_probe, stage_probe, partial, full)."
+            )
+        return [p for p in self.net.parameters() if p.requires_grad]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
@@ -159,6 +190,7 @@ class ImageClassifier(L.LightningModule):
             "num_classes": self.spec.num_classes,
             "model_kwargs": dict(self.spec.kwargs),
             "cut_after_stage": self.spec.cut_after_stage,
+            "pooling": self.spec.pooling,
             "classes": self.classes,
             "preprocessing": self.preprocessing.to_dict(),
         }

@@ -10,6 +10,7 @@ freezing, caching and checkpoints treat it like any timm model.
 from __future__ import annotations
 
 import torch
+from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 
@@ -24,6 +25,7 @@ class StageProbeNet(nn.Module):
         self.stage = stage
         self.num_features = int(infos[stage]["num_chs"])
         self.feature_info = [{**d, "module": f"backbone.{d['module']}"} for d in infos[: stage + 1]]
+        self.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
         self.drop = nn.Dropout(drop_rate)
         self.classifier = nn.Linear(self.num_features, num_classes)
 
@@ -31,7 +33,7 @@ class StageProbeNet(nn.Module):
         return self.backbone.forward_intermediates(x, indices=[self.stage], intermediates_only=True)[-1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x.mean(dim=(2, 3)))
+        x = self.drop(self.global_pool(x))
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

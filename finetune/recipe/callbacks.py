@@ -1,0 +1,108 @@
+"""Lightning callbacks for the recipe: a readable record of plateau LR reductions, and snapshots.
+
+Lightning's LearningRateMonitor logs the LR every epoch; what a person wants to read is *when*
+ReduceLROnPlateau fired and what the LR became, so that is logged and kept for metrics.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+log = logging.getLogger(__name__)
+
+
+def _group_lrs(trainer: L.Trainer) -> dict[str, float]:
+    lrs = {}
+    for i, optimizer in enumerate(trainer.optimizers):
+        for j, group in enumerate(optimizer.param_groups):
+            lrs[group.get("name", f"opt{i}_group{j}")] = float(group["lr"])
+    return lrs
+
+
+def _describe(lowered: dict[str, tuple[float, float]]) -> str:
+    """'head 1e-03 -> 1e-04 (x0.1 in all 14 groups)', or each group where the factors differ."""
+    factors = {round(new / old, 6) for old, new in lowered.values() if old > 0}
+    name = "head" if "head" in lowered else next(iter(lowered))
+    old, new = lowered[name]
+    if len(factors) == 1:
+        return f"{name} {old:.3g} -> {new:.3g} (x{factors.pop():g} in {len(lowered)} group(s))"
+    return ", ".join(f"{k} {o:.3g} -> {n:.3g}" for k, (o, n) in lowered.items())
+
+
+class PlateauReductionLog(Callback):
+    """Each ReduceLROnPlateau reduction: after which epoch, and every group's LR before and after."""
+
+    def __init__(self) -> None:
+        self.reductions: list[dict[str, Any]] = []
+        self._last: dict[str, float] | None = None
+
+    @staticmethod
+    def _plateau(trainer: L.Trainer) -> ReduceLROnPlateau | None:
+        return next((c.scheduler for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, ReduceLROnPlateau)), None)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        plateau = self._plateau(trainer)
+        now = _group_lrs(trainer)
+        if plateau is not None and self._last is not None:
+            lowered = {k: (self._last[k], v) for k, v in now.items() if k in self._last and v < self._last[k] * (1 - 1e-9)}
+            if lowered:
+                config = next(c for c in trainer.lr_scheduler_configs if c.scheduler is plateau)
+                record = {
+                    "after_epoch": int(trainer.current_epoch),  # epochs completed when it fired
+                    "monitor": config.monitor,
+                    "lr": {k: new for k, (_, new) in lowered.items()},
+                    "previous_lr": {k: old for k, (old, _) in lowered.items()},
+                }
+                self.reductions.append(record)
+                rank_zero_info(
+                    f"Epoch {trainer.current_epoch}: ReduceLROnPlateau lowered the learning rate ({config.monitor} did not "
+                    f"improve for {plateau.patience + 1} epochs): {_describe(lowered)}"
+                )
+        self._last = now
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = _group_lrs(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reductions": list(self.reductions)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reductions = list(state_dict.get("reductions", []))
+
+
+class SnapshotCheckpoint(Callback):
+    """Save ``snapshot_<k>.ckpt`` at the end of the given (0-based) epochs: the ends of SGDR cycles,
+    where the LR is lowest and the model sits in a minimum (Huang et al. 2017, snapshot ensembles)."""
+
+    def __init__(self, dirpath: str | Path, epochs: list[int]):
+        self.dirpath = Path(dirpath)
+        self.epochs = sorted(int(e) for e in epochs)
+        self.paths: list[str] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch in self.epochs:
+            path = self.dirpath / f"snapshot_{self.epochs.index(epoch)}.ckpt"
+            trainer.save_checkpoint(path, weights_only=False)
+            if str(path) not in self.paths:
+                self.paths.append(str(path))
+            rank_zero_info(f"Epoch {epoch}: end of an LR cycle, snapshot saved to {path}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"paths": list(self.paths)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.paths = list(state_dict.get("paths", []))

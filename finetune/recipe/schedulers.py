@@ -1,0 +1,121 @@
+"""LR schedules beyond torch's ready-made classes, and the warmup put in front of any of them.
+
+The formulas are the lecture's; each is built on a torch scheduler so that Lightning steps it,
+checkpoints its state and resumes it like any other:
+- exponential: lr = lr0 * exp(-k t)    -> ExponentialLR(gamma = exp(-k))
+- inverse_time: lr = lr0 / (1 + k t)    -> MultiplicativeLR with the ratio of consecutive values
+- cosine_restarts (SGDR), cycles given in epochs -> CosineAnnealingWarmRestarts stepped per batch
+Warmup: torch's LinearLR, joined with SequentialLR (or, for ReduceLROnPlateau, which SequentialLR
+cannot hold, run beside it: both act on the current LR, so they compose).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import (
+    CosineAnnealingWarmRestarts,
+    ExponentialLR,
+    LinearLR,
+    LRScheduler,
+    MultiplicativeLR,
+    OneCycleLR,
+    ReduceLROnPlateau,
+    SequentialLR,
+)
+
+from finetune.errors import FinetuneError
+
+
+def exponential_decay(optimizer: torch.optim.Optimizer, k: float) -> ExponentialLR:
+    """lr = lr0 * exp(-k t), t counted in scheduler steps (epochs by default)."""
+    return ExponentialLR(optimizer, gamma=math.exp(-float(k)))
+
+
+class _InverseTimeFactor:
+    """lr_t / lr_{t-1} for lr_t = lr0 / (1 + k t): a picklable callable, so resume restores it."""
+
+    def __init__(self, k: float):
+        self.k = float(k)
+
+    def __call__(self, t: int) -> float:
+        return (1 + self.k * (t - 1)) / (1 + self.k * t)
+
+
+def inverse_time_decay(optimizer: torch.optim.Optimizer, k: float) -> MultiplicativeLR:
+    """lr = lr0 / (1 + k t), t counted in scheduler steps (epochs by default)."""
+    return MultiplicativeLR(optimizer, lr_lambda=_InverseTimeFactor(k))
+
+
+def cosine_restarts(
+    optimizer: torch.optim.Optimizer, cycle_epochs: int, cycle_mult: int = 1, eta_min: float = 0.0,
+    steps_per_epoch: int = 1,
+) -> CosineAnnealingWarmRestarts:
+    """SGDR with its first cycle given in epochs (stepped every batch: steps_per_epoch is filled in)."""
+    return CosineAnnealingWarmRestarts(
+        optimizer, T_0=int(cycle_epochs) * int(steps_per_epoch), T_mult=int(cycle_mult), eta_min=float(eta_min)
+    )
+
+
+def cycle_end_epochs(cycle_epochs: int, cycle_mult: int, max_epochs: int) -> list[int]:
+    """0-based epochs at whose end an SGDR cycle finishes (where snapshot ensembles take a snapshot)."""
+    ends, length, end = [], int(cycle_epochs), 0
+    while end + length <= max_epochs:
+        end += length
+        ends.append(end - 1)
+        length *= int(cycle_mult)
+    return ends
+
+
+def _accepts(factory: Callable[..., Any], name: str) -> bool:
+    func = getattr(factory, "func", factory)
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_lr_schedulers(
+    optimizer: torch.optim.Optimizer,
+    factory: Callable[..., Any] | None,
+    options: dict[str, Any],
+    warmup_epochs: int,
+    warmup_start_factor: float,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> list[dict[str, Any]]:
+    """Lightning's ``lr_scheduler`` configs for one optimizer: the schedule, with its warmup."""
+    options = dict(options)
+    interval = options.get("interval", "epoch")
+    per = steps_per_epoch if interval == "step" else 1
+    main = None
+    if factory is not None:
+        func = getattr(factory, "func", factory)
+        extra: dict[str, Any] = {}
+        if func is OneCycleLR:
+            # Peak at each group's own (discriminative) LR, over the steps this run will take.
+            extra = {"max_lr": [g["lr"] for g in optimizer.param_groups], "total_steps": total_steps}
+        if _accepts(factory, "steps_per_epoch"):
+            extra["steps_per_epoch"] = steps_per_epoch
+        main = factory(optimizer, **extra)
+    if warmup_epochs <= 0:
+        return [{"scheduler": main, **options}] if main is not None else []
+    if isinstance(main, OneCycleLR):
+        raise FinetuneError("scheduler.warmup_epochs must be 0 with scheduler=onecycle: it warms up by itself "
+                            "(scheduler.pct_start sets how long).")
+    if not 0 < warmup_start_factor <= 1:
+        raise FinetuneError(f"scheduler.warmup_start_factor={warmup_start_factor} must be in (0, 1].")
+    warmup_steps = int(warmup_epochs) * per
+    warmup = LinearLR(optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=warmup_steps)
+    if main is None:
+        return [{"scheduler": warmup, **options, "interval": interval}]
+    if isinstance(main, ReduceLROnPlateau):
+        return [{"scheduler": warmup, "interval": "epoch"}, {"scheduler": main, **options}]
+    if not isinstance(main, LRScheduler):
+        raise FinetuneError(f"scheduler {type(main).__name__} is not a torch LR scheduler; warmup cannot be joined to it.")
+    joined = SequentialLR(optimizer, schedulers=[warmup, main], milestones=[warmup_steps])
+    return [{"scheduler": joined, **options}]
