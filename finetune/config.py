@@ -82,10 +82,18 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 def _validate_recipe(cfg: DictConfig) -> None:
     """Optimizer, scheduler, regularization, ensemble and TTA values that no schema can check."""
+    from finetune.data.mixing import build_batch_mixer
+    from finetune.data.transforms import Preprocessing, train_transform
     from finetune.inference import check_tta
     from finetune.recipe.regularization import Regularization
 
     Regularization.from_config(OmegaConf.to_container(cfg.get("regularization") or {}, resolve=True))
+    augment = OmegaConf.to_container(cfg.get("augment") or {}, resolve=True)
+    train_transform(Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0), augment)  # names and parameters
+    build_batch_mixer(augment, 2)
+    views = cfg.policy.get("cache_views", 0)
+    if not (isinstance(views, int) and views >= 0):
+        raise FinetuneError(f"policy.cache_views={views} must be a whole number >= 0.")
     check_tta(cfg.get("tta"))
     optimizer = str(cfg.optimizer.get("_target_", ""))
     if optimizer.endswith("LBFGS"):

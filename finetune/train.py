@@ -25,6 +25,7 @@ from finetune.config import (
 )
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.datasets import scan_dataset
+from finetune.data.mixing import build_batch_mixer
 from finetune.data.transforms import resolve_preprocessing
 from finetune.errors import FinetuneError
 from finetune.inference import ENSEMBLE_FILE, device_for, load_members, member_probabilities, score_probabilities
@@ -33,6 +34,7 @@ from finetune.models.module import ImageClassifier
 from finetune.policy.cache import CachedFeatureDataModule, warm_start_head
 from finetune.policy.choose import choose_policy, format_policy_block
 from finetune.policy.stages import build_stage_map
+from finetune.preview import write_preview
 from finetune.recipe.callbacks import PlateauReductionLog, SnapshotCheckpoint
 from finetune.recipe.regularization import Regularization
 from finetune.recipe.schedulers import cycle_end_epochs
@@ -126,9 +128,12 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         net, spec, index.classes, preprocessing, optimizer, scheduler, scheduler_options,
         regularization=regularization, plan=plan, stage_map=stage_map, frozen_bn_eval=bool(policy_cfg.get("frozen_bn_eval", True)),
         inputs_are_features=use_cache, head_solver=head_solver,
+        batch_mixer=None if use_cache else build_batch_mixer(augment, len(index.classes)),
         head_l2=float(policy_cfg.get("head_l2", 0.0)),
     )
-    data = CachedFeatureDataModule(datamodule, net, full_batch=module.head_solver == "lbfgs") if use_cache else datamodule
+    views = int(policy_cfg.get("cache_views", 0) or 0) if augment_is_active(augment) else 0
+    data = CachedFeatureDataModule(datamodule, net, full_batch=module.head_solver == "lbfgs", augment=augment,
+                                   augmented_views=views) if use_cache else datamodule
     if not use_cache and "head" in plan.unfreeze_at and bool(policy_cfg.get("head_warm_start", False)) and not resume:
         warm_start_head(net, datamodule, float(policy_cfg.get("head_l2", 0.0)))
     trainable, frozen = count_parameters(module)
@@ -137,12 +142,17 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         "feature_cache": {"used": use_cache, "why": cache_note, "head_solver": module.head_solver if use_cache else None},
         "notes": [cache_note] if use_cache and augment_is_active(augment) else [],
     }
+    if use_cache and build_batch_mixer(augment, len(index.classes)) is not None:
+        record["notes"].append("MixUp/CutMix are not applied: they mix images, and the head trains on cached features "
+                               "(policy.cache=false applies them)")
     log.info("\n%s", format_policy_block(record))
 
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_json(run_dir / "classes.json", index.classes)
     if rank_zero_only.rank == 0:
         write_json(run_dir / "policy.json", record)
+        if not resume:  # what the model sees: evaluation view and training draws of a few images
+            write_preview(index, preprocessing, augment, run_dir / "augment_preview.png", seed=int(cfg.seed))
 
     started = time.perf_counter()
     if resume:
@@ -297,9 +307,14 @@ def _cache_decision(policy_cfg: dict[str, Any], plan, augment: dict[str, Any] | 
     if str(policy_cfg.get("cache", "auto")).lower() in ("false", "off", "no"):
         return False, "off (policy.cache=false): the head trains through the frozen network every epoch"
     if augment_is_active(augment):
+        views = int(policy_cfg.get("cache_views", 0) or 0)
+        if views > 0:
+            return True, (f"used: only the head trains, so the frozen network runs once over the data, plus {views} "
+                          f"augmented views of every training image (policy.cache_views) with the configured augmentation")
         return True, (
             "used: only the head trains, so the frozen network runs once; the configured augmentation "
-            "is NOT applied to the cached training features (set policy.cache=false to train with it every epoch)"
+            "is NOT applied (policy.cache_views=0; set it to K to cache K augmented views, or policy.cache=false "
+            "to train through the network with it every epoch)"
         )
     return True, "used: only the head trains, so the frozen network runs once over the data"
 

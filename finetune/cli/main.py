@@ -81,3 +81,11 @@ def advise_main(cfg: DictConfig) -> None:
     from finetune.advise import advise
 
     advise(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="preview")
+@report_errors
+def preview_main(cfg: DictConfig) -> None:
+    from finetune.preview import preview
+
+    preview(cfg)

@@ -7,6 +7,7 @@ created model; ``data.image_size`` / ``data.mean`` / ``data.std`` / ``data.inter
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -102,22 +103,43 @@ def eval_transform(pp: Preprocessing) -> A.Compose:
     )
 
 
-def build_albumentation(item: Any, where: str) -> A.BasicTransform:
-    """One ``{Name: {param: value}}`` entry of an augment list -> the albumentations transform."""
+def _transform_names() -> list[str]:
+    return [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), (A.BasicTransform, A.BaseCompose))]
+
+
+def build_albumentation(item: Any, where: str) -> A.BasicTransform | A.BaseCompose:
+    """One ``{Name: {param: value}}`` entry of an augment list -> the albumentations transform.
+
+    Compositions (``OneOf``, ``SomeOf``, ``Sequential``, ...) take their ``transforms`` as a nested
+    list of entries, e.g. ``- SomeOf: {n: 2, transforms: [{Equalize: {}}, {Sharpen: {}}]}``.
+    """
     if isinstance(item, str):
         item = {item: {}}
     if not isinstance(item, Mapping) or len(item) != 1:
         raise FinetuneError(f"{where}: each entry must be `- Name: {{param: value}}`, got {item!r}.")
     (name, params), = item.items()
     cls = getattr(A, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
-        choices = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform)]
-        raise FinetuneError(f"{where}: '{name}' is not an albumentations transform.{close_matches(str(name), choices)}")
+    if not (isinstance(cls, type) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
+        raise FinetuneError(f"{where}: '{name}' is not an albumentations transform.{close_matches(str(name), _transform_names())} "
+                            f"See https://albumentations.ai/docs/ for the list.")
+    params = dict(params or {})
+    accepted = [n for n, q in inspect.signature(cls.__init__).parameters.items()
+                if n != "self" and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
+    unknown = [k for k in params if k not in accepted]
+    if unknown:  # albumentations itself only warns and drops them
+        raise FinetuneError(f"{where}: {name} has no parameter '{unknown[0]}'.{close_matches(str(unknown[0]), accepted)} "
+                            f"Its parameters: {', '.join(accepted)}.")
+    if issubclass(cls, A.BaseCompose):
+        inner = params.pop("transforms", None)
+        if not isinstance(inner, Sequence) or isinstance(inner, str) or not inner:
+            raise FinetuneError(f"{where}: {name} needs `transforms:` with a list of `Name: {{param: value}}` entries.")
+        params["transforms"] = [build_albumentation(x, f"{where}.{name}.transforms[{i}]") for i, x in enumerate(inner)]
     try:
-        return cls(**dict(params or {}))
+        return cls(**params)
     except Exception as e:  # noqa: BLE001  (pydantic ValidationError, TypeError, ValueError: all caused by the config)
         first = str(e).strip().splitlines()
-        raise FinetuneError(f"{where}: bad parameters for {name} {dict(params or {})}: {' '.join(first[:3])}") from None
+        shown = {k: v for k, v in params.items() if k != "transforms"}
+        raise FinetuneError(f"{where}: bad parameters for {name} {shown}: {' '.join(first[:3])}") from None
 
 
 def train_transform(pp: Preprocessing, augment: Mapping[str, Any] | None) -> A.Compose:

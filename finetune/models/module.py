@@ -50,6 +50,7 @@ class ImageClassifier(L.LightningModule):
         inputs_are_features: bool = False,
         head_solver: str = "optimizer",
         head_l2: float = 0.0,
+        batch_mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         super().__init__()
         self.net = net
@@ -69,6 +70,7 @@ class ImageClassifier(L.LightningModule):
         # On cached features the head is a convex problem: full-batch L-BFGS solves it in a few steps.
         self.head_solver = head_solver if inputs_are_features else "optimizer"
         self.head_l2 = head_l2
+        self.batch_mixer = batch_mixer  # MixUp / CutMix on training batches (soft targets)
         if plan is not None:
             self.apply_plan(epoch=0)
         # Penalties (L1, L2, L2-SP) added to the training loss; L2-SP's anchors are the weights now.
@@ -121,8 +123,12 @@ class ImageClassifier(L.LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
+        target = y
+        if stage == "train" and self.batch_mixer is not None:
+            x, target = self.batch_mixer(x, y)  # soft targets; accuracy counts the dominant label
+            y = target.argmax(dim=-1)
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+        loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         if stage == "train" and self.head_solver == "lbfgs" and self.head_l2 > 0:
             loss = loss + head_l2_penalty(self.net.get_classifier(), self.head_l2)
         if stage == "train" and self.penalty is not None:

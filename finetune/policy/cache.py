@@ -1,8 +1,10 @@
 """Frozen-prefix feature cache: when only the head trains, run the frozen network once.
 
 A linear probe then costs one forward pass over the data plus seconds of head training, instead
-of a full forward pass per epoch. Features come from the evaluation transform, so training-time
-augmentation does not apply; train() says so in the log and in policy.json.
+of a full forward pass per epoch. Features come from the evaluation transform; where augmentation
+is configured, ``augmented_views`` extra passes over the training split with the training transform
+are cached too (K augmented copies of every image), so the head still sees the augmentation.
+train() says which in the log and in policy.json.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.data.datamodule import ImageDataModule, ImageListDataset
-from finetune.data.transforms import eval_transform
+from finetune.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,14 @@ def pooled_features(net: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, t
 class CachedFeatureDataModule(L.LightningDataModule):
     """Same splits as ``images``, as (features, label) tensors computed once with ``net``."""
 
-    def __init__(self, images: ImageDataModule, net: nn.Module, full_batch: bool = False):
+    def __init__(self, images: ImageDataModule, net: nn.Module, full_batch: bool = False,
+                 augment: dict | None = None, augmented_views: int = 0):
         super().__init__()
         self.full_batch = full_batch  # one batch per epoch (L-BFGS)
         self.images = images
         self.net = net
+        self.augment = augment
+        self.augmented_views = augmented_views if augment else 0
         self.datasets: dict[str, TensorDataset] = {}
         self.seconds = 0.0
 
@@ -53,9 +58,24 @@ class CachedFeatureDataModule(L.LightningDataModule):
         for split, dataset in self.images.datasets.items():
             loader = DataLoader(dataset, batch_size=self.images.eval_batch_size, num_workers=self.images.num_workers)
             self.datasets[split] = TensorDataset(*pooled_features(self.net, loader))
+        if self.augmented_views:
+            self.datasets["train"] = self._with_augmented_views(self.datasets["train"])
         self.seconds = time.perf_counter() - started
         sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
         log.info("Feature cache: %s vectors of %d dims in %.1f s", sizes, self.datasets["train"].tensors[0].shape[1], self.seconds)
+
+    def _with_augmented_views(self, clean: TensorDataset) -> TensorDataset:
+        """The clean features plus ``augmented_views`` passes through the training transform."""
+        base = self.images.datasets["train"]
+        augmented = ImageListDataset(base.samples, train_transform(self.images.preprocessing, self.augment),
+                                     images=base.images, max_side=base.max_side)
+        loader = DataLoader(augmented, batch_size=self.images.eval_batch_size, num_workers=self.images.num_workers)
+        feats, labels = [clean.tensors[0]], [clean.tensors[1]]
+        for _ in range(self.augmented_views):
+            f, y = pooled_features(self.net, loader)
+            feats.append(f)
+            labels.append(y)
+        return TensorDataset(torch.cat(feats), torch.cat(labels))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         batch = self.images.batch_size if train else self.images.eval_batch_size

@@ -1,0 +1,52 @@
+"""Batch-level MixUp and CutMix (``augment.mixup_alpha`` / ``cutmix_alpha``), from torchvision.
+
+They mix whole batches (pairs of images and their labels), so they run on the batch in the
+LightningModule, after the per-image albumentations pipeline; the loss then takes soft targets.
+torchvision's ``transforms.v2.MixUp`` / ``CutMix`` are the reference implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from finetune.errors import FinetuneError
+
+
+class BatchMixer:
+    """(images, int labels) -> (mixed images, soft labels summing to 1); a fraction ``p`` of batches is mixed."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, p: float = 1.0):
+        self.num_classes = num_classes
+        self.p = p
+        ops = []
+        if mixup_alpha > 0:
+            ops.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            ops.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        self.mix = ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+        self.description = " or ".join(
+            f"{type(op).__name__}(alpha={op.alpha})" for op in ops) + (f" on {p:.0%} of batches" if p < 1 else "")
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.p < 1 and float(torch.rand(())) >= self.p:
+            return images, F.one_hot(labels, self.num_classes).to(images.dtype)
+        return self.mix(images, labels)
+
+
+def build_batch_mixer(augment: Mapping[str, Any] | None, num_classes: int) -> BatchMixer | None:
+    augment = augment or {}
+    mixup, cutmix = float(augment.get("mixup_alpha", 0.0) or 0.0), float(augment.get("cutmix_alpha", 0.0) or 0.0)
+    p = float(augment.get("mix_p", 1.0))
+    for key, value in (("augment.mixup_alpha", mixup), ("augment.cutmix_alpha", cutmix)):
+        if value < 0:
+            raise FinetuneError(f"{key}={value} must be >= 0 (0 turns it off).")
+    if not 0 <= p <= 1:
+        raise FinetuneError(f"augment.mix_p={p} must be in [0, 1].")
+    if mixup == 0 and cutmix == 0 or p == 0:
+        return None
+    return BatchMixer(num_classes, mixup, cutmix, p)

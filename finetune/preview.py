@@ -1,0 +1,126 @@
+"""A PNG grid of what the model sees: each row one training image, first as evaluated (resize +
+centre crop), then several draws of the training pipeline, then the batch-level MixUp/CutMix result
+where configured. ``finetune-preview`` writes it on its own; every training run writes it too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.data.datamodule import decode_side
+from finetune.data.datasets import DatasetIndex
+from finetune.data.images import load_image
+from finetune.data.mixing import build_batch_mixer
+from finetune.data.transforms import Preprocessing, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+def _pick(index: DatasetIndex, rows: int, seed: int) -> list[tuple[str, int]]:
+    """Up to ``rows`` training images, cycling through the classes so each one shows."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for sample in index.splits["train"]:
+        by_class.setdefault(sample[1], []).append(sample)
+    for samples in by_class.values():
+        rng.shuffle(samples)
+    picked, depth = [], 0
+    while len(picked) < rows and any(depth < len(v) for v in by_class.values()):
+        for label in sorted(by_class):
+            if depth < len(by_class[label]) and len(picked) < rows:
+                picked.append(by_class[label][depth])
+        depth += 1
+    return picked
+
+
+def _to_image(x: torch.Tensor, pp: Preprocessing) -> np.ndarray:
+    mean, std = torch.tensor(pp.mean)[:, None, None], torch.tensor(pp.std)[:, None, None]
+    return (x.float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def write_preview(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, Any] | None, path: str | Path,
+                  rows: int = 6, draws: int = 5, seed: int = 0) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = _pick(index, rows, seed)
+    evaluate, augmented = eval_transform(pp), train_transform(pp, augment)
+    mixer = build_batch_mixer(augment, len(index.classes))
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    augmented.set_random_seed(seed)
+    grid: list[list[tuple[np.ndarray, str]]] = []
+    first_draws = []
+    for path_, label in samples:
+        image = load_image(path_, decode_side(pp))
+        row = [(_to_image(evaluate(image=image)["image"], pp), f"{index.classes[label]}\n(evaluation)")]
+        for d in range(draws):
+            x = augmented(image=image)["image"]
+            if d == 0:
+                first_draws.append(x)
+            row.append((_to_image(x, pp), f"draw {d + 1}"))
+        grid.append(row)
+    if mixer is not None and len(first_draws) > 1:
+        mixed, soft = mixer(torch.stack(first_draws), torch.tensor([label for _, label in samples]))
+        for row, x, weights in zip(grid, mixed, soft):
+            top = weights.topk(min(2, len(weights)))
+            text = " / ".join(f"{index.classes[i][:10]} {v:.2f}" for v, i in zip(top.values.tolist(), top.indices.tolist()) if v > 0)
+            row.append((_to_image(x, pp), f"mixed: {text}"))
+    cols = max(len(r) for r in grid)
+    fig, axes = plt.subplots(len(grid), cols, figsize=(1.9 * cols, 2.0 * len(grid)), squeeze=False)
+    for r, row in enumerate(grid):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(row):
+                ax.imshow(row[c][0], interpolation="nearest")
+                ax.set_title(row[c][1], fontsize=7)
+    name = ", ".join(_describe(augment))
+    fig.suptitle(f"Training inputs at {pp.image_size} px: {name}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _describe(augment: Mapping[str, Any] | None) -> Sequence[str]:
+    augment = augment or {}
+    parts = [f"crop={augment.get('crop', 'center')}"]
+    for item in augment.get("transforms") or []:
+        parts.append(next(iter(item)) if isinstance(item, Mapping) else str(item))
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if float(augment.get(key, 0) or 0) > 0:
+            parts.append(f"{key.split('_')[0]}={augment[key]}")
+    return parts
+
+
+def preview(cfg) -> Path:
+    """``finetune-preview``: the grid for ``data.root`` and ``augment``, without any training."""
+    from omegaconf import OmegaConf
+
+    from finetune.data.datasets import scan_dataset
+    from finetune.data.transforms import resolve_preprocessing
+    from finetune.models.backbone import check_backbone_name
+
+    check_backbone_name(cfg.model.backbone)
+    import timm
+
+    model = timm.create_model(cfg.model.backbone, pretrained=False)  # its pretrained config only: size, mean, std
+    pp = resolve_preprocessing(model, cfg.data)
+    index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    out = write_preview(index, pp, OmegaConf.to_container(cfg.augment, resolve=True), Path(cfg.output).expanduser(),
+                        rows=int(cfg.rows), draws=int(cfg.draws), seed=int(cfg.seed))
+    print(f"Preview of {len(index.splits['train'])} training images' pipeline -> {out.resolve()}")
+    return out
