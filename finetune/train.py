@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,9 +36,10 @@ from finetune.policy.cache import CachedFeatureDataModule, warm_start_head
 from finetune.policy.choose import choose_policy, format_policy_block
 from finetune.policy.stages import build_stage_map
 from finetune.preview import write_preview
-from finetune.recipe.callbacks import PlateauReductionLog, SnapshotCheckpoint
+from finetune.recipe.callbacks import NonFiniteLossStop, PlateauReductionLog, SnapshotCheckpoint
 from finetune.recipe.regularization import Regularization
 from finetune.recipe.schedulers import cycle_end_epochs
+from finetune.report import write_report
 from finetune.run_files import write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,8 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     regularization = Regularization.from_config(OmegaConf.to_container(cfg.regularization, resolve=True))
     reductions = PlateauReductionLog()
-    callbacks = [*instantiate_named("callbacks", cfg.get("callbacks")), reductions]
+    callbacks = [*instantiate_named("callbacks", cfg.get("callbacks")), reductions,
+                 NonFiniteLossStop(run_dir / "checkpoints")]
     snapshots = None
     if cfg.ensemble.snapshots:
         epochs = cycle_end_epochs(cfg.scheduler.cycle_epochs, cfg.scheduler.cycle_mult, cfg.trainer.max_epochs)
@@ -191,6 +194,12 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         }
         write_json(run_dir / ENSEMBLE_FILE, {"members": [str(Path(p).relative_to(run_dir)) for p in snapshot_paths],
                                              "kind": "snapshot"})
+    if trainer.is_global_zero and cfg.get("report", True):
+        probs = split_probabilities([best], index, [], cfg) if best else {}
+        files = write_report(run_dir, index=index, record=record, metrics=metrics, cfg=cfg,
+                             policy_block=format_policy_block(record),
+                             split_probs={k: v.mean(0).numpy() for k, v in probs.items()}, preprocessing=preprocessing)
+        metrics["report"] = str(files["report_md"])
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
         summary = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("val/acc", "test/acc") if k in metrics)
@@ -244,17 +253,19 @@ def train_ensemble(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def score_checkpoints(paths: list[str], index, tta: list[str], cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """Averaged-probability scores of checkpoints on the run's own val and test splits."""
+def split_probabilities(paths: list[str], index, tta: list[str], cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """Per-split probabilities [members, images, classes] of checkpoints on the run's val and test splits."""
     members = load_members(paths, key="ensemble")
     device = device_for(str(cfg.trainer.accelerator))
-    out = {}
-    for split in ("val", "test"):
-        samples = index.splits.get(split) or []
-        if samples:
-            probs = member_probabilities(members, samples, tta, int(cfg.data.eval_batch_size or cfg.data.batch_size), device)
-            out[split] = score_probabilities(probs, [label for _, label in samples])
-    return out
+    batch = int(cfg.data.eval_batch_size or cfg.data.batch_size)
+    return {split: member_probabilities(members, index.splits[split], tta, batch, device)
+            for split in ("val", "test") if index.splits.get(split)}
+
+
+def score_checkpoints(paths: list[str], index, tta: list[str], cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Averaged-probability scores of checkpoints on the run's own val and test splits."""
+    return {split: score_probabilities(probs, [label for _, label in index.splits[split]])
+            for split, probs in split_probabilities(paths, index, tta, cfg).items()}
 
 
 def _flat(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:

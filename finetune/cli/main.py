@@ -89,3 +89,11 @@ def preview_main(cfg: DictConfig) -> None:
     from finetune.preview import preview
 
     preview(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+@report_errors
+def export_main(cfg: DictConfig) -> None:
+    from finetune.export import run_export
+
+    run_export(cfg)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -106,3 +107,33 @@ class SnapshotCheckpoint(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.paths = list(state_dict.get("paths", []))
+
+
+class NonFiniteLossStop(Callback):
+    """Stop at the first NaN/inf training loss with an error naming the step and the learning rates.
+
+    Raised mid-epoch, before any checkpoint of that epoch is written, so checkpoints/last.ckpt stays
+    the last good state (the end of the previous epoch) and ``resume`` can continue from it.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path | None = None):
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None or bool(torch.isfinite(loss.detach()).all()):
+            return
+        from finetune.errors import FinetuneError
+
+        lrs = _group_lrs(trainer)
+        lrs = dict(sorted(lrs.items(), key=lambda kv: kv[0] != "head"))  # the head's LR first
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in list(lrs.items())[:6]) + (" ..." if len(lrs) > 6 else "")
+        last = self.checkpoint_dir / "last.ckpt" if self.checkpoint_dir else None
+        kept = (f"The last good checkpoint is {last} (end of epoch {trainer.current_epoch}); continue from it with "
+                f"resume=... after the fix." if last is not None and last.is_file() else "No checkpoint was written before it.")
+        raise FinetuneError(
+            f"The training loss became {float(loss):.4g} at epoch {trainer.current_epoch + 1}, step "
+            f"{trainer.global_step} (batch {batch_idx}); learning rates: {shown}. {kept} Lower optimizer.lr, add "
+            f"gradient clipping (trainer.gradient_clip_val=1.0), or use trainer.precision=32-true."
+        )
