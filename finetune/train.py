@@ -28,6 +28,7 @@ from finetune.data.datamodule import ImageDataModule
 from finetune.data.datasets import scan_dataset
 from finetune.data.mixing import build_batch_mixer
 from finetune.data.transforms import resolve_preprocessing
+from finetune.data.validate import validate_dataset
 from finetune.errors import FinetuneError
 from finetune.inference import ENSEMBLE_FILE, device_for, load_members, member_probabilities, score_probabilities
 from finetune.models.backbone import BackboneSpec, attach_head, check_backbone_name, load_pretrained
@@ -102,6 +103,12 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
     backbone, weight_source, pretrained_head = load_pretrained(cfg.model.backbone, cfg.model.weights, **kwargs)
     preprocessing = resolve_preprocessing(backbone, cfg.data)
     log.info("Preprocessing (from %s's pretrained config unless overridden): %s", cfg.model.backbone, preprocessing.to_dict())
+
+    if cfg.data.get("validate", True):
+        index, data_report = validate_dataset(index, str(cfg.data.on_bad_file), int(cfg.data.min_image_side),
+                                              preprocessing.image_size, float(cfg.data.imbalance_ratio))
+        if rank_zero_only.rank == 0:
+            write_json(run_dir / "data_report.json", data_report.to_dict())
 
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
     choice = choose_policy(policy_cfg, backbone, index, preprocessing, pretrained_head, cfg.seed)

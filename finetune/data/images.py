@@ -20,7 +20,7 @@ class BadImageError(FinetuneError):
     def __init__(self, path: str, reason: str):
         super().__init__(
             f"Could not read image {path}: {reason}. Replace or remove the file "
-            f"(or, once available, set data.on_bad_file=skip)."
+            f"(training checks files first: data.on_bad_file=skip leaves such files out and lists them)."
         )
         self.path = path
 

@@ -1,0 +1,193 @@
+"""Check every image once before training: unreadable files, tiny images, duplicates, imbalance.
+
+Each file is fully decoded (a truncated JPEG passes PIL's ``verify`` but fails ``load``), in threads,
+and hashed; results are cached by (path, size, mtime) in ``~/.cache/finetune/file_checks.json`` so
+a rerun on the same data is instant. Problems are reported by path in the log and in
+``RUN/data_report.json``; with ``data.on_bad_file=skip`` unreadable or too-small files are left out
+(and listed), with ``error`` the first one stops the run. Duplicates and imbalance are warnings:
+nothing the user gave is dropped for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from finetune.data.datasets import DatasetIndex
+from finetune.errors import FinetuneError
+from finetune.run_files import write_text
+
+log = logging.getLogger(__name__)
+
+BAD_KINDS = ("zero_byte", "not_image", "truncated", "corrupt", "too_small")
+ON_BAD_FILE = ("skip", "error")
+CACHE_VERSION = 1
+
+
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "finetune" / "file_checks.json"
+
+
+def check_file(path: str) -> dict[str, Any]:
+    """{kind: None | zero_byte | not_image | truncated | corrupt, detail, width, height, sha1}."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return {"kind": "corrupt", "detail": f"cannot be read: {e}"}
+    if not data:
+        return {"kind": "zero_byte", "detail": "the file is empty (0 bytes)"}
+    digest = hashlib.sha1(data).hexdigest()
+    try:
+        with Image.open(path) as im:
+            im.load()  # full decode: truncated files fail here
+            width, height = im.size
+    except UnidentifiedImageError:
+        return {"kind": "not_image", "detail": "not an image file (unrecognised content)", "sha1": digest}
+    except OSError as e:
+        kind = "truncated" if "truncated" in str(e).lower() or "broken data stream" in str(e).lower() else "corrupt"
+        return {"kind": kind, "detail": str(e) or type(e).__name__, "sha1": digest}
+    except Exception as e:  # noqa: BLE001  (decoders raise SyntaxError, ValueError, DecompressionBombError ...)
+        return {"kind": "corrupt", "detail": f"{type(e).__name__}: {e}", "sha1": digest}
+    return {"kind": None, "width": width, "height": height, "sha1": digest}
+
+
+@dataclass
+class DataReport:
+    checked: int = 0
+    from_cache: int = 0
+    seconds: float = 0.0
+    on_bad_file: str = "skip"
+    skipped: list[str] = field(default_factory=list)
+    problems: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = Counter(p["kind"] for p in self.problems)
+        return {"checked": self.checked, "from_cache": self.from_cache, "seconds": round(self.seconds, 2),
+                "on_bad_file": self.on_bad_file, "skipped": self.skipped, "problem_counts": dict(counts),
+                "problems": self.problems}
+
+
+def _load_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data.get("files", {}) if data.get("version") == CACHE_VERSION else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def check_files(paths: list[str], workers: int | None = None) -> tuple[dict[str, dict[str, Any]], int]:
+    """Check results for every path (cached by path, size and mtime); and how many came from the cache."""
+    store = cache_path()
+    cache = _load_cache(store)
+    results, todo, keys = {}, [], {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+            key = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            key = None
+        keys[path] = key
+        hit = cache.get(path)
+        if key is not None and hit and hit.get("key") == key:
+            results[path] = hit["result"]
+        else:
+            todo.append(path)
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        for path, result in zip(todo, pool.map(check_file, todo)):
+            results[path] = result
+            if keys[path] is not None:
+                cache[path] = {"key": keys[path], "result": result}
+    if todo:
+        try:
+            write_text(store, json.dumps({"version": CACHE_VERSION, "files": cache}))
+        except OSError as e:  # a read-only home must not stop training
+            log.warning("Could not write the file-check cache %s: %s", store, e)
+    return results, len(paths) - len(todo)
+
+
+def validate_dataset(index: DatasetIndex, on_bad_file: str = "skip", min_side: int = 8, input_size: int | None = None,
+                     imbalance_ratio: float = 10.0) -> tuple[DatasetIndex, DataReport]:
+    """The index without unusable files (``skip``), and the report; ``error`` raises on the first one."""
+    if on_bad_file not in ON_BAD_FILE:
+        raise FinetuneError(f"data.on_bad_file={on_bad_file} must be one of {', '.join(ON_BAD_FILE)}.")
+    started = time.perf_counter()
+    where = {path: split for split, samples in index.splits.items() for path, _ in samples}
+    results, cached = check_files(sorted(where))
+    report = DataReport(checked=len(where), from_cache=cached, on_bad_file=on_bad_file)
+
+    bad: dict[str, dict[str, Any]] = {}
+    for path in sorted(where):
+        r = results[path]
+        kind, detail = r.get("kind"), r.get("detail", "")
+        if kind is None and min(r["width"], r["height"]) < min_side:
+            kind, detail = "too_small", f"{r['width']}x{r['height']} px, below data.min_image_side={min_side}"
+        if kind is not None:
+            bad[path] = {"kind": kind, "path": path, "split": where[path], "detail": detail, "skipped": on_bad_file == "skip"}
+            if on_bad_file == "error":
+                raise FinetuneError(
+                    f"Bad image file {path} ({kind}: {detail}). Fix or remove it, or set data.on_bad_file=skip to "
+                    f"train on the other files (every skipped file is listed in RUN/data_report.json)."
+                )
+        elif input_size and min(r["width"], r["height"]) < input_size / 4:
+            report.problems.append({"kind": "small", "path": path, "split": where[path], "skipped": False,
+                                    "detail": f"{r['width']}x{r['height']} px, upscaled more than 4x to {input_size} px"})
+    report.problems[:0] = list(bad.values())
+    report.skipped = sorted(bad)
+
+    by_hash: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(where):
+        if path not in bad and results[path].get("sha1"):
+            by_hash[results[path]["sha1"]].append(path)
+    for paths in by_hash.values():
+        if len(paths) < 2:
+            continue
+        splits = sorted({where[p] for p in paths})
+        kind = "duplicate_across_splits" if len(splits) > 1 else "duplicate_within_split"
+        detail = (f"identical content in {', '.join(splits)} (leakage: the model is scored on images it trained on)"
+                  if len(splits) > 1 else f"identical content, {len(paths)} copies in {splits[0]}")
+        for p in paths:
+            report.problems.append({"kind": kind, "path": p, "split": where[p], "skipped": False, "detail": detail,
+                                    "same_as": [q for q in paths if q != p]})
+
+    splits = {s: [(p, y) for p, y in samples if p not in bad] for s, samples in index.splits.items()}
+    counts = Counter(y for _, y in splits.get("train", []))
+    empty = [c for i, c in enumerate(index.classes) if counts.get(i, 0) == 0]
+    if empty:
+        raise FinetuneError(f"Class(es) {', '.join(empty)} have no usable training image after skipping bad files; "
+                            f"see the files listed above.")
+    if counts and max(counts.values()) > imbalance_ratio * min(counts.values()):
+        low = min(counts, key=counts.get)
+        high = max(counts, key=counts.get)
+        report.problems.append({
+            "kind": "class_imbalance", "path": "", "split": "train", "skipped": False,
+            "detail": f"{index.classes[high]} has {counts[high]} training images, {index.classes[low]} {counts[low]} "
+                      f"(more than {imbalance_ratio:g}x): accuracy will favour the large classes; consider "
+                      f"per-class metrics in report.md or more data for the small ones",
+        })
+    report.seconds = time.perf_counter() - started
+    _log(report)
+    cleaned = DatasetIndex(index.root, index.layout, index.classes, splits, index.ignored_files)
+    return cleaned, report
+
+
+def _log(report: DataReport) -> None:
+    head = (f"Data check: {report.checked} files in {report.seconds:.1f} s ({report.from_cache} from cache), "
+            f"{len(report.problems)} problem(s)")
+    if not report.problems:
+        log.info("%s.", head)
+        return
+    lines = [f"  {p['kind']}: {p['path'] or p['split']} ({p['detail']}){' -> skipped' if p['skipped'] else ''}"
+             for p in report.problems[:50]]
+    more = f"\n  ... {len(report.problems) - 50} more in data_report.json" if len(report.problems) > 50 else ""
+    log.warning("%s:\n%s%s", head, "\n".join(lines), more)
