@@ -37,7 +37,7 @@ from finetune.policy.cache import CachedFeatureDataModule, warm_start_head
 from finetune.policy.choose import choose_policy, format_policy_block
 from finetune.policy.stages import build_stage_map
 from finetune.preview import write_preview
-from finetune.recipe.callbacks import NonFiniteLossStop, PlateauReductionLog, SnapshotCheckpoint
+from finetune.recipe.callbacks import NonFiniteLossStop, PlateauReductionLog, RNGStateCheckpoint, SnapshotCheckpoint
 from finetune.recipe.regularization import Regularization
 from finetune.recipe.schedulers import cycle_end_epochs
 from finetune.report import write_report
@@ -77,7 +77,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
     regularization = Regularization.from_config(OmegaConf.to_container(cfg.regularization, resolve=True))
     reductions = PlateauReductionLog()
     callbacks = [*instantiate_named("callbacks", cfg.get("callbacks")), reductions,
-                 NonFiniteLossStop(run_dir / "checkpoints")]
+                 NonFiniteLossStop(run_dir / "checkpoints"), RNGStateCheckpoint()]
     snapshots = None
     if cfg.ensemble.snapshots:
         epochs = cycle_end_epochs(cfg.scheduler.cycle_epochs, cfg.scheduler.cycle_mult, cfg.trainer.max_epochs)
@@ -132,6 +132,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         pin_memory=cfg.data.pin_memory,
         preload=cfg.data.preload,
         preload_max_gb=cfg.data.preload_max_gb,
+        seed=int(cfg.seed),
     )
     optimizer, scheduler, scheduler_options = build_optimizer_and_scheduler(cfg)
     module = ImageClassifier(

@@ -147,7 +147,7 @@ def _sweep(tmp_path: Path, root: Path, name: str, *overrides: str) -> list[dict]
     sweep_dir = tmp_path / name
     result = subprocess.run(
         [str(Path(sys.executable).parent / "finetune"), "-m", f"data.root={root}", *FAST, "trainer.max_epochs=2",
-         "trainer.limit_train_batches=2", "policy=full", "~callbacks.early_stopping", f"hydra.sweep.dir={sweep_dir}", *overrides],
+         "trainer.limit_train_batches=2", "report=false", "policy=full", "~callbacks.early_stopping", f"hydra.sweep.dir={sweep_dir}", *overrides],
         check=False, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

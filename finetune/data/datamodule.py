@@ -50,6 +50,19 @@ class ImageListDataset(Dataset):
         return self.transform(image=image)["image"], label
 
 
+def _seed_worker(worker_id: int) -> None:
+    """Each loader worker: Lightning's seeding of torch/numpy/random, and its own augmentation seed
+    (a copied albumentations pipeline would otherwise draw the same augmentations in every worker)."""
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    pl_worker_init_function(worker_id)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        base = transform.seed if getattr(transform, "seed", None) is not None else 0
+        transform.set_random_seed(int(base) * 1000 + worker_id + 1)
+
+
 def decode_all(paths: Sequence[str], max_side: int, budget_bytes: float) -> list[np.ndarray] | None:
     """Decode every path (threaded); None as soon as the arrays would exceed ``budget_bytes``."""
     images: list[np.ndarray] = []
@@ -75,6 +88,7 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool | str = "auto",
         preload: bool | str = "auto",
         preload_max_gb: float = 2.0,
+        seed: int | None = None,
     ):
         super().__init__()
         self.index = index
@@ -84,6 +98,7 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.preload = preload
         self.preload_max_gb = preload_max_gb
+        self.seed = seed  # the training augmentation's own generators (albumentations)
         self.num_workers_cfg = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.datasets: dict[str, ImageListDataset] = {}
@@ -105,7 +120,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.datasets:
             return
         for split, samples in self.index.splits.items():
-            transform = train_transform(self.preprocessing, self.augment) if split == "train" else eval_transform(self.preprocessing)
+            transform = (train_transform(self.preprocessing, self.augment, self.seed) if split == "train"
+                         else eval_transform(self.preprocessing))
             self.datasets[split] = ImageListDataset(samples, transform, self._decoded(samples), self.max_side)
         preloaded = all(d.images is not None for d in self.datasets.values())
         self.num_workers = self._resolve_workers(preloaded)
@@ -128,6 +144,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=_seed_worker if train and self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -142,8 +142,12 @@ def build_albumentation(item: Any, where: str) -> A.BasicTransform | A.BaseCompo
         raise FinetuneError(f"{where}: bad parameters for {name} {shown}: {' '.join(first[:3])}") from None
 
 
-def train_transform(pp: Preprocessing, augment: Mapping[str, Any] | None) -> A.Compose:
-    """Crop (random resized or centre) + the configured augmentations + normalize."""
+def train_transform(pp: Preprocessing, augment: Mapping[str, Any] | None, seed: int | None = None) -> A.Compose:
+    """Crop (random resized or centre) + the configured augmentations + normalize.
+
+    ``seed``: albumentations draws from its own generators, seeded from the OS unless given one, so
+    without it the same run seed would not give the same augmentations.
+    """
     augment = augment or {}
     crop = augment.get("crop", "center")
     if crop not in CROPS:
@@ -161,4 +165,25 @@ def train_transform(pp: Preprocessing, augment: Mapping[str, Any] | None) -> A.C
         first = list(eval_transform(pp).transforms)[:2]
     items: Sequence[Any] = augment.get("transforms") or []
     extra = [build_albumentation(item, f"augment.transforms[{i}]") for i, item in enumerate(items)]
-    return A.Compose([*first, *extra, *_normalize(pp)])
+    return A.Compose([*first, *extra, *_normalize(pp)], seed=seed)
+
+
+def _nodes(transform: Any):
+    yield transform
+    for child in getattr(transform, "transforms", None) or []:
+        yield from _nodes(child)
+
+
+def augmentation_rng_state(transform: Any) -> list[Any]:
+    """The state of every random generator in an albumentations pipeline (plain data, for checkpoints)."""
+    return [[node.random_generator.bit_generator.state, node.py_random.getstate()]
+            for node in _nodes(transform) if hasattr(node, "random_generator")]
+
+
+def set_augmentation_rng_state(transform: Any, states: list[Any]) -> None:
+    nodes = [node for node in _nodes(transform) if hasattr(node, "random_generator")]
+    if len(nodes) != len(states):
+        return  # another pipeline than the one saved: leave it seeded as built
+    for node, (numpy_state, python_state) in zip(nodes, states):
+        node.random_generator.bit_generator.state = numpy_state
+        node.py_random.setstate(tuple(python_state[:1]) + (tuple(python_state[1]),) + tuple(python_state[2:]))

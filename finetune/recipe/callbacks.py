@@ -137,3 +137,59 @@ class NonFiniteLossStop(Callback):
             f"{trainer.global_step} (batch {batch_idx}); learning rates: {shown}. {kept} Lower optimizer.lr, add "
             f"gradient clipping (trainer.gradient_clip_val=1.0), or use trainer.precision=32-true."
         )
+
+
+class RNGStateCheckpoint(Callback):
+    """Keep the random number generators' states in every checkpoint and restore them on resume, so
+    a resumed run draws the same shuffles, augmentations and dropout masks as an uninterrupted one.
+
+    Lightning restores model, optimizer, schedulers and loop progress, but not the global RNGs; the
+    DataLoader's shuffle order for the next epoch is drawn from torch's global generator.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        import numpy as np
+
+        _, keys, pos, has_gauss, gauss = np.random.get_state()
+        # Plain tensors and numbers only: checkpoints are loaded weights-only.
+        state = {"torch": torch.get_rng_state(), "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                           int(has_gauss), float(gauss)], "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Applied at once: Lightning restores callbacks before it draws the first shuffle order."""
+        import random
+
+        import numpy as np
+
+        torch.set_rng_state(state_dict["torch"])
+        keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state_dict["python"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+    @staticmethod
+    def _train_transform(trainer: L.Trainer) -> Any:
+        datasets = getattr(getattr(trainer, "datamodule", None), "datasets", None) or {}
+        train = datasets.get("train")
+        return getattr(train, "transform", None)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The augmentation pipeline's generators too (in-process loading; loader workers keep their own)."""
+        from finetune.data.transforms import augmentation_rng_state
+
+        transform = self._train_transform(trainer)
+        if transform is not None:
+            checkpoint["finetune_augmentation_rng"] = augmentation_rng_state(transform)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        from finetune.data.transforms import set_augmentation_rng_state
+
+        transform = self._train_transform(trainer)
+        if transform is not None and checkpoint.get("finetune_augmentation_rng"):
+            set_augmentation_rng_state(transform, checkpoint["finetune_augmentation_rng"])
