@@ -41,7 +41,7 @@ from finetune.recipe.callbacks import NonFiniteLossStop, PlateauReductionLog, RN
 from finetune.recipe.regularization import Regularization
 from finetune.recipe.schedulers import cycle_end_epochs
 from finetune.report import write_report
-from finetune.run_files import write_json, write_text
+from finetune.run_files import atomic_checkpoint_io, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=str(run_dir),
         logger=instantiate_named("logger", cfg.get("logger")) or False,
         callbacks=callbacks,
+        plugins=[atomic_checkpoint_io()],  # checkpoints: temp file + rename, like every run file
     )
 
     index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)

@@ -119,3 +119,15 @@ def test_export_refuses_bad_format(class_folders, fast_cfg, tmp_path):
     metrics = train(fast_cfg(class_folders, "policy=linear_probe"))
     with pytest.raises(FinetuneError, match="format=tflite"):
         export(metrics["best_checkpoint"], "tflite", tmp_path / "m")
+
+
+def test_checkpoint_writes_are_atomic(tmp_path):
+    from finetune.run_files import atomic_checkpoint_io
+
+    io = atomic_checkpoint_io()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    with pytest.raises(Exception):  # noqa: B017  (torch.save fails part-way: a lambda cannot be pickled)
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "bad": lambda: 0}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))  # the good file stands
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp file left behind
