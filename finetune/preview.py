@@ -46,17 +46,23 @@ def _to_image(x: torch.Tensor, pp: Preprocessing) -> np.ndarray:
 
 def write_preview(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, Any] | None, path: str | Path,
                   rows: int = 6, draws: int = 5, seed: int = 0) -> Path:
-    import matplotlib
+    # Its own generators: drawing the preview must not move the training run's random state.
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            grid = _draw_grid(index, pp, augment, rows, draws, seed)
+        finally:
+            np.random.set_state(numpy_state)
+    _save_grid(grid, augment, pp, Path(path))
+    return Path(path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _draw_grid(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, Any] | None, rows: int, draws: int,
+               seed: int) -> list[list[tuple[np.ndarray, str]]]:
     samples = _pick(index, rows, seed)
-    evaluate, augmented = eval_transform(pp), train_transform(pp, augment)
+    evaluate, augmented = eval_transform(pp), train_transform(pp, augment, seed=seed)
     mixer = build_batch_mixer(augment, len(index.classes))
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    augmented.set_random_seed(seed)
     grid: list[list[tuple[np.ndarray, str]]] = []
     first_draws = []
     for path_, label in samples:
@@ -74,6 +80,16 @@ def write_preview(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, 
             top = weights.topk(min(2, len(weights)))
             text = " / ".join(f"{index.classes[i][:10]} {v:.2f}" for v, i in zip(top.values.tolist(), top.indices.tolist()) if v > 0)
             row.append((_to_image(x, pp), f"mixed: {text}"))
+    return grid
+
+
+def _save_grid(grid: list[list[tuple[np.ndarray, str]]], augment: Mapping[str, Any] | None, pp: Preprocessing,
+               path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     cols = max(len(r) for r in grid)
     fig, axes = plt.subplots(len(grid), cols, figsize=(1.9 * cols, 2.0 * len(grid)), squeeze=False)
     for r, row in enumerate(grid):
@@ -86,13 +102,11 @@ def write_preview(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, 
     name = ", ".join(_describe(augment))
     fig.suptitle(f"Training inputs at {pp.image_size} px: {name}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(path)
-    return path
 
 
 def _describe(augment: Mapping[str, Any] | None) -> Sequence[str]:
