@@ -107,7 +107,7 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
         onnx.save(proto, str(tmp))
         tmp.replace(output)
         got = torch.from_numpy(run_onnx(output, example.numpy()))
-    diff = float((got - expected).abs().max())
+    diff = float((got.detach() - expected).abs().max())
     result = {"output": str(output), "format": fmt, "input_dtype": dtype, "input_shape": ["N", 3, size, size],
               "classes": loaded.classes, "max_abs_diff_vs_torch": diff, "checked_on": len(example)}
     if diff > 1e-4:

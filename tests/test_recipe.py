@@ -152,6 +152,13 @@ def _sweep(tmp_path: Path, root: Path, name: str, *overrides: str) -> list[dict]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: int(p.parent.name))
+    # The sweep summary: every job once, ranked by the monitored metric (val/acc, max), best named.
+    with open(sweep_dir / "sweep_summary.csv") as f:
+        ranked = list(csv.DictReader(f))
+    assert sorted(r["job"] for r in ranked) == sorted(p.parent.name for p in runs)
+    accs = [float(r["val/acc"]) for r in ranked]
+    assert accs == sorted(accs, reverse=True)
+    assert f"Best: job {ranked[0]['job']}" in result.stdout
     return [json.loads(p.read_text()) for p in runs]
 
 

@@ -127,6 +127,7 @@ def validate_dataset(index: DatasetIndex, on_bad_file: str = "skip", min_side: i
     report = DataReport(checked=len(where), from_cache=cached, on_bad_file=on_bad_file)
 
     bad: dict[str, dict[str, Any]] = {}
+    small: list[dict[str, Any]] = []
     for path in sorted(where):
         r = results[path]
         kind, detail = r.get("kind"), r.get("detail", "")
@@ -140,9 +141,13 @@ def validate_dataset(index: DatasetIndex, on_bad_file: str = "skip", min_side: i
                     f"train on the other files (every skipped file is listed in RUN/data_report.json)."
                 )
         elif input_size and min(r["width"], r["height"]) < input_size / 4:
-            report.problems.append({"kind": "small", "path": path, "split": where[path], "skipped": False,
-                                    "detail": f"{r['width']}x{r['height']} px, upscaled more than 4x to {input_size} px"})
-    report.problems[:0] = list(bad.values())
+            small.append({"kind": "small", "path": path, "split": where[path], "skipped": False,
+                          "detail": f"{r['width']}x{r['height']} px, upscaled more than 4x to {input_size} px"})
+    if len(small) > 20:  # a whole dataset of small images (e.g. 32 px at 224): one entry, every path kept
+        small = [{"kind": "small", "path": "", "split": "all", "skipped": False, "paths": [p["path"] for p in small],
+                  "detail": f"{len(small)} images are upscaled more than 4x to {input_size} px (e.g. {small[0]['path']}); "
+                            f"check that data.image_size suits them"}]
+    report.problems[:0] = [*bad.values(), *small]
     report.skipped = sorted(bad)
 
     by_hash: dict[str, list[str]] = defaultdict(list)
