@@ -108,6 +108,13 @@ def _validate_recipe(cfg: DictConfig) -> None:
                 f"optimizer=lbfgs does not fit policy={cfg.policy.name}, which unfreezes layers during training "
                 f"(L-BFGS keeps one fixed set of parameters). Use another optimizer or a fixed policy."
             )
+    if cfg.trainer.get("sync_batchnorm") and str(cfg.trainer.accelerator) == "cpu":
+        raise FinetuneError(
+            "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is CUDA-only). On CPU leave it false, "
+            "or keep BatchNorm on its pretrained statistics with regularization.trainable_bn=eval."
+        )
+    if cfg.get("lr_scaling", "none") not in ("none", "linear", "sqrt"):
+        raise FinetuneError(f"lr_scaling={cfg.lr_scaling} must be none, linear or sqrt.")
     warmup = cfg.scheduler.get("warmup_epochs", 0)
     if not (isinstance(warmup, int) and warmup >= 0):
         raise FinetuneError(f"scheduler.warmup_epochs={warmup} must be a whole number of epochs >= 0.")

@@ -141,6 +141,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         regularization=regularization, plan=plan, stage_map=stage_map, frozen_bn_eval=bool(policy_cfg.get("frozen_bn_eval", True)),
         inputs_are_features=use_cache, head_solver=head_solver,
         batch_mixer=None if use_cache else build_batch_mixer(augment, len(index.classes)),
+        lr_scaling=str(cfg.lr_scaling),
         head_l2=float(policy_cfg.get("head_l2", 0.0)),
     )
     views = int(policy_cfg.get("cache_views", 0) or 0) if augment_is_active(augment) else 0

@@ -13,11 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import FinetuneError
 
 CONFIG_PATH = "../conf"
+
+# `hydra.run.dir: ${finetune_or:${run_dir},outputs/...}`: with run_dir set, Hydra's own files
+# (.hydra/, main.log, DDP ranks' logs) go into that run folder too, not into a second one.
+if not OmegaConf.has_resolver("finetune_or"):
+    OmegaConf.register_new_resolver("finetune_or", lambda value, default: value if value not in (None, "") else default)
 
 
 def _quiet_library_logging() -> None:

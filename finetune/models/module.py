@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -51,6 +52,7 @@ class ImageClassifier(L.LightningModule):
         head_solver: str = "optimizer",
         head_l2: float = 0.0,
         batch_mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        lr_scaling: str = "none",
     ):
         super().__init__()
         self.net = net
@@ -71,6 +73,7 @@ class ImageClassifier(L.LightningModule):
         self.head_solver = head_solver if inputs_are_features else "optimizer"
         self.head_l2 = head_l2
         self.batch_mixer = batch_mixer  # MixUp / CutMix on training batches (soft targets)
+        self.lr_scaling = lr_scaling  # none | linear | sqrt: LR vs the global batch (see lr_scale_factor)
         if plan is not None:
             self.apply_plan(epoch=0)
         # Penalties (L1, L2, L2-SP) added to the training loss; L2-SP's anchors are the weights now.
@@ -113,6 +116,10 @@ class ImageClassifier(L.LightningModule):
         return self
 
     def on_train_epoch_start(self) -> None:
+        # Lightning (2.6) does not call train() when fitting starts and restores the modes it saw around
+        # validation, so the BatchNorm mode asked for is set here, every epoch, as well as in train().
+        if self.regularization.trainable_bn == "eval":
+            set_batchnorm_eval(self.net)
         if self.plan is None:
             return
         before = {n for n, p in self.net.named_parameters() if p.requires_grad}
@@ -168,6 +175,12 @@ class ImageClassifier(L.LightningModule):
             # No weight decay on norm layers and biases (timm's helper).
             groups = param_groups_weight_decay(self.net, weight_decay=keywords.get("weight_decay", 0.0))
         optimizer = self.optimizer_factory(groups)
+        factor = self.lr_scale_factor()
+        if factor != 1 and not isinstance(optimizer, torch.optim.LBFGS):  # L-BFGS: its line search sets the step
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+            rank_zero_info(f"Learning rates x{factor:g} (lr_scaling={self.lr_scaling}): the global batch is "
+                           f"{self.trainer.world_size * self.trainer.accumulate_grad_batches} x data.batch_size")
         options = dict(self.scheduler_options)
         warmup_epochs = int(options.pop("warmup_epochs", 0) or 0)
         warmup_start_factor = float(options.pop("warmup_start_factor", 0.1))
@@ -178,6 +191,15 @@ class ImageClassifier(L.LightningModule):
         schedulers = build_lr_schedulers(optimizer, self.scheduler_factory, options, warmup_epochs,
                                          warmup_start_factor, steps_per_epoch, total_steps)
         return [optimizer], schedulers
+
+    def lr_scale_factor(self) -> float:
+        """How much the configured LR grows with the global batch, relative to one device's
+        ``data.batch_size`` (processes x accumulated batches = k): linear k (Goyal et al. 2017),
+        sqrt(k) (the usual rule for adaptive optimizers), or none. 1 on a single device."""
+        if self._trainer is None:  # built outside a fit (tests, inspection): one device
+            return 1.0
+        k = self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return {"linear": float(k), "sqrt": float(k) ** 0.5}.get(self.lr_scaling, 1.0)
 
     def _lbfgs_parameters(self) -> list[torch.nn.Parameter]:
         """L-BFGS takes one group with a fixed parameter set: what trains from the first epoch."""

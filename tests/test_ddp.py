@@ -1,0 +1,54 @@
+"""Two-process DDP on CPU (gloo) against one process with the same global batch: same weights and
+metrics within float tolerance, and one run folder with one set of outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import CLASSES, make_cfg, write_images
+
+from finetune.models.checkpoint import read_checkpoint
+from finetune.train import train
+
+# Full-batch steps (each rank's 12 images = one batch; 24 in one batch alone), BatchNorm on its running
+# statistics (SyncBatchNorm is CUDA-only), no
+# dropout and no augmentation: the two runs then compute the same gradients, up to summation order.
+COMMON = ["data.image_size=32", "policy=full", "augment=none", "+model.kwargs.drop_rate=0.0", "trainer.max_epochs=2",
+          "~callbacks.early_stopping", "scheduler=none", "optimizer=sgd", "optimizer.lr=0.01", "regularization.trainable_bn=eval",
+          "trainer.enable_progress_bar=false", "lr_scaling=linear", "report=false"]
+TOLERANCE = 1e-4  # max abs difference of any weight and of the losses
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path):
+    root = tmp_path / "data"
+    for s, (split, n) in enumerate((("train", 8), ("val", 4), ("test", 4))):
+        for i, kind in enumerate(CLASSES):
+            write_images(root / split / kind, kind, n, seed=10 * s + i)
+    ddp_dir = tmp_path / "ddp"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "finetune"), f"data.root={root}", *COMMON, "data.batch_size=12",
+         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"run_dir={ddp_dir}"],
+        check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Learning rates x2 (lr_scaling=linear)" in result.stdout + result.stderr
+    # One process, global batch 24, the LR the linear rule gives the DDP run (0.01 x 2 processes).
+    single = train(make_cfg([f"data.root={root}", *COMMON, "data.batch_size=24", "optimizer.lr=0.02",
+                             "trainer.accelerator=cpu", "trainer.devices=1", f"run_dir={tmp_path / 'single'}"]))
+    ddp = json.loads((ddp_dir / "metrics.json").read_text())
+    for key in ("val/loss", "test/loss"):
+        assert abs(ddp[key] - single[key]) < TOLERANCE, key
+    assert ddp["val/acc"] == single["val/acc"] and ddp["test/acc"] == single["test/acc"]
+    a = read_checkpoint(ddp_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    b = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt")["state_dict"]
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in b if b[k].is_floating_point())
+    assert worst < TOLERANCE, worst
+    # One run folder, one set of run-level files (rank 0 wrote them), no per-rank copies.
+    names = sorted(p.name for p in ddp_dir.iterdir())
+    for name in ("metrics.json", "policy.json", "data_report.json", "classes.json", "config.yaml"):
+        assert names.count(name) == 1
+    assert sorted(p.name for p in (ddp_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert not list(tmp_path.glob("outputs"))  # no stray Hydra folders from the second rank
