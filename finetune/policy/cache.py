@@ -36,6 +36,19 @@ def pooled_features(net: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, t
     return torch.cat(feats), torch.cat(labels)
 
 
+class _FullBatch(torch.utils.data.Dataset):
+    """A dataset of one item: the whole (features, labels) tensor pair."""
+
+    def __init__(self, dataset: TensorDataset):
+        self.tensors = dataset.tensors
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return self.tensors
+
+
 class CachedFeatureDataModule(L.LightningDataModule):
     """Same splits as ``images``, as (features, label) tensors computed once with ``net``."""
 
@@ -78,9 +91,12 @@ class CachedFeatureDataModule(L.LightningDataModule):
         return TensorDataset(torch.cat(feats), torch.cat(labels))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        batch = self.images.batch_size if train else self.images.eval_batch_size
         if train and self.full_batch:
-            batch = len(self.datasets[split])
+            # One item holding every feature vector: under DDP the distributed sampler pads it, so each
+            # rank trains on all of them (the same convex problem everywhere: L-BFGS's line search then
+            # sees the same loss on every rank instead of each rank's shard).
+            return DataLoader(_FullBatch(self.datasets[split]), batch_size=None)
+        batch = self.images.batch_size if train else self.images.eval_batch_size
         return DataLoader(self.datasets[split], batch_size=batch, shuffle=train)
 
     def train_dataloader(self) -> DataLoader:
