@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import make_cfg
+from conftest import FAST, make_cfg
 
 from finetune.train import train
 
@@ -23,3 +27,25 @@ def test_trainer_presets_compose_on_top_of_the_defaults(preset, accelerator, str
 def test_bf16_mixed_precision_trains_on_cpu(class_folders, fast_cfg):
     metrics = train(fast_cfg(class_folders, "policy=full", "trainer.precision=bf16-mixed", "trainer.max_epochs=2"))
     assert math.isfinite(metrics["val/loss"]) and metrics["epochs"] == 2
+
+
+def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "finetune"), *args], check=False, capture_output=True,
+                          text=True, timeout=600, cwd=cwd)
+
+
+def test_optuna_search_runs_trials_and_ranks_them(class_folders, tmp_path):
+    result = _cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"data.root={class_folders}",
+                  *FAST, "policy=full", "report=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Best parameters" in result.stdout + result.stderr and "Best: job" in result.stdout
+    with open(tmp_path / "sweep" / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and "optimizer.lr" in rows[0]  # the swept values are columns
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    result = _cli("--cfg", "hydra", "data.root=x", "hydra/launcher=submitit_slurm", "hydra.launcher.nodes=2",
+                  "hydra.launcher.tasks_per_node=4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "submitit_slurm" in result.stdout and "tasks_per_node: 4" in result.stdout
