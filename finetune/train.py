@@ -136,12 +136,16 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         seed=int(cfg.seed),
     )
     optimizer, scheduler, scheduler_options = build_optimizer_and_scheduler(cfg)
+    if cfg.model.get("channels_last", False):
+        net = net.to(memory_format=torch.channels_last)
+    if cfg.model.get("compile", False):
+        net.compile()  # in place: parameter names (and so checkpoints) stay the same
     module = ImageClassifier(
         net, spec, index.classes, preprocessing, optimizer, scheduler, scheduler_options,
         regularization=regularization, plan=plan, stage_map=stage_map, frozen_bn_eval=bool(policy_cfg.get("frozen_bn_eval", True)),
         inputs_are_features=use_cache, head_solver=head_solver,
         batch_mixer=None if use_cache else build_batch_mixer(augment, len(index.classes)),
-        lr_scaling=str(cfg.lr_scaling),
+        lr_scaling=str(cfg.lr_scaling), channels_last=bool(cfg.model.get("channels_last", False)),
         head_l2=float(policy_cfg.get("head_l2", 0.0)),
     )
     views = int(policy_cfg.get("cache_views", 0) or 0) if augment_is_active(augment) else 0

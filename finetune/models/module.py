@@ -53,6 +53,7 @@ class ImageClassifier(L.LightningModule):
         head_l2: float = 0.0,
         batch_mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
         lr_scaling: str = "none",
+        channels_last: bool = False,
     ):
         super().__init__()
         self.net = net
@@ -73,6 +74,7 @@ class ImageClassifier(L.LightningModule):
         self.head_solver = head_solver if inputs_are_features else "optimizer"
         self.head_l2 = head_l2
         self.batch_mixer = batch_mixer  # MixUp / CutMix on training batches (soft targets)
+        self.channels_last = channels_last  # feed NHWC batches to an NHWC network
         self.lr_scaling = lr_scaling  # none | linear | sqrt: LR vs the global batch (see lr_scale_factor)
         if plan is not None:
             self.apply_plan(epoch=0)
@@ -88,6 +90,8 @@ class ImageClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         drop_connect = float(self.regularization.drop_connect)
         if self.training and self.inputs_are_features and self.regularization.dropout > 0:
             x = F.dropout(x, self.regularization.dropout)  # cached features were pooled without it
