@@ -189,6 +189,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         {
             "epochs": int(trainer.current_epoch),
             "fit_seconds": round(fit_seconds, 2),
+            "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None,
             "best_checkpoint": best,
             "run_dir": str(run_dir),
             "weights": weight_source,
