@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +114,10 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
             write_json(run_dir / "data_report.json", data_report.to_dict())
 
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
-    choice = choose_policy(policy_cfg, backbone, index, preprocessing, pretrained_head, cfg.seed)
+    run_id = _distributed_run_id()
+    choice = _decision_of_rank_zero(run_dir, run_id, policy_cfg) if rank_zero_only.rank != 0 and run_id else None
+    if choice is None:
+        choice = choose_policy(policy_cfg, backbone, index, preprocessing, pretrained_head, cfg.seed)
     plan = choice.plan
     spec = BackboneSpec(cfg.model.backbone, len(index.classes), kwargs, plan.cut_after_stage, regularization.pooling)
     net = attach_head(backbone, spec)
@@ -158,6 +163,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         "parameters": {"trainable": trainable, "frozen": frozen, "per_group": stage_map.parameter_counts(net)},
         "feature_cache": {"used": use_cache, "why": cache_note, "head_solver": module.head_solver if use_cache else None},
         "notes": [cache_note] if use_cache and augment_is_active(augment) else [],
+        "run_id": run_id,
     }
     if use_cache and build_batch_mixer(augment, len(index.classes)) is not None:
         record["notes"].append("MixUp/CutMix are not applied: they mix images, and the head trains on cached features "
@@ -290,6 +296,45 @@ def _flat(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _summary(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={metrics[k]:.4f}" for k in ("val/acc", "test/acc") if k in metrics)
+
+
+RUN_ID_ENV = "FINETUNE_RUN_ID"
+
+
+def _distributed_run_id() -> str | None:
+    """An id every process of this run shares: set by rank 0 for the processes Lightning launches
+    (they inherit its environment), or the launcher's own (torchrun, SLURM). None: one process."""
+    if os.environ.get(RUN_ID_ENV):
+        return os.environ[RUN_ID_ENV]
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID")
+    shared = (elastic if elastic and elastic != "none" else None) or (
+        f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '')}" if os.environ.get("SLURM_JOB_ID") else None)
+    if shared is None and rank_zero_only.rank == 0:
+        shared = uuid.uuid4().hex
+    if shared is not None:
+        os.environ[RUN_ID_ENV] = shared
+    return shared
+
+
+def _decision_of_rank_zero(run_dir: Path, run_id: str, policy_cfg: dict[str, Any], timeout_s: float = 3600.0):
+    """Other ranks: the plan rank 0 measured and wrote to policy.json, so all ranks apply one decision."""
+    from finetune.policy.choose import PolicyChoice
+    from finetune.policy.plan import Plan
+
+    path = run_dir / "policy.json"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = None
+        if record and record.get("run_id") == run_id:
+            log.info("Rank %d: applying rank 0's policy decision (%s) from %s", rank_zero_only.rank,
+                     record["policy_applied"], path)
+            return PolicyChoice(record["policy_requested"], Plan(**record["plan"]), None, None, dict(policy_cfg["thresholds"]))
+        time.sleep(0.5)
+    raise FinetuneError(f"Rank {rank_zero_only.rank} waited {timeout_s:.0f} s for rank 0's policy decision in {path}; "
+                        f"rank 0 may have failed (see its log), or run_dir is not on a filesystem all nodes share.")
 
 
 def _with_value(cfg: DictConfig, key: str, value: Any) -> DictConfig:

@@ -54,12 +54,14 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     assert not list(tmp_path.glob("outputs"))  # no stray Hydra folders from the second rank
 
 
-def test_cached_linear_probe_under_ddp_trains_every_rank_on_all_features(tmp_path):
+def test_ddp_ranks_share_rank_zeros_decision_and_train_a_cached_head_on_all_features(tmp_path):
     root = tmp_path / "data"
     for s, (split, n) in enumerate((("train", 8), ("val", 4), ("test", 4))):
         for i, kind in enumerate(CLASSES):
             write_images(root / split / kind, kind, n, seed=10 * s + i)
-    common = [f"data.root={root}", "data.image_size=32", "policy=linear_probe", "trainer.max_epochs=2", "report=false",
+    # policy=auto measures on rank 0 only; the table's small cells are pointed at linear_probe here.
+    common = [f"data.root={root}", "data.image_size=32", "policy=auto", "policy.actions.small_similar=linear_probe",
+              "policy.actions.small_different=linear_probe", "trainer.max_epochs=2", "report=false",
               "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
     result = subprocess.run([str(Path(sys.executable).parent / "finetune"), *common, "trainer.devices=2",
                              "trainer.strategy=ddp", f"run_dir={tmp_path / 'ddp'}"],
@@ -67,7 +69,9 @@ def test_cached_linear_probe_under_ddp_trains_every_rank_on_all_features(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     single = train(make_cfg([*common, "trainer.devices=1", f"run_dir={tmp_path / 'single'}"]))
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert json.loads((tmp_path / "ddp" / "policy.json").read_text())["feature_cache"]["used"]
+    record = json.loads((tmp_path / "ddp" / "policy.json").read_text())
+    assert record["feature_cache"]["used"] and record["policy_applied"] == "linear_probe"
+    assert "Rank 1: applying rank 0's policy decision (linear_probe)" in result.stdout + result.stderr
     a = read_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt")["state_dict"]["net.classifier.weight"]
     b = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt")["state_dict"]["net.classifier.weight"]
     assert float((a - b).abs().max()) < TOLERANCE and abs(ddp["val/loss"] - single["val/loss"]) < TOLERANCE
