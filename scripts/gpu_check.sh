@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Accelerator check: on a machine with NVIDIA GPUs, a 1-GPU fine-tune and a DDP run over every GPU,
+# Accelerator check: on a machine with NVIDIA GPUs, a 1-GPU fine-tune (plain, then compiled with
+# channels_last) and a DDP run over every GPU,
 # each printing images/s and peak GPU memory; exits non-zero on any failure. Not part of the test
 # suite (which must pass without a GPU). Usage: ./scripts/gpu_check.sh [EXTRA_OVERRIDES...]
 set -euo pipefail
@@ -49,6 +50,7 @@ PYEOF
 }
 EXTRA=("$@")
 run one_gpu trainer=gpu
+run one_gpu_compiled trainer=gpu model.compile=true model.channels_last=true
 if [ "$GPUS" -ge 2 ]; then
   run ddp_all trainer=ddp trainer.devices="$GPUS"
 else
