@@ -141,6 +141,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         seed=int(cfg.seed),
     )
     optimizer, scheduler, scheduler_options = build_optimizer_and_scheduler(cfg)
+    mixer = build_batch_mixer(augment, len(index.classes))  # MixUp / CutMix mix images: not cached features
     if cfg.model.get("channels_last", False):
         net = net.to(memory_format=torch.channels_last)
     if cfg.model.get("compile", False):
@@ -149,7 +150,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         net, spec, index.classes, preprocessing, optimizer, scheduler, scheduler_options,
         regularization=regularization, plan=plan, stage_map=stage_map, frozen_bn_eval=bool(policy_cfg.get("frozen_bn_eval", True)),
         inputs_are_features=use_cache, head_solver=head_solver,
-        batch_mixer=None if use_cache else build_batch_mixer(augment, len(index.classes)),
+        batch_mixer=None if use_cache else mixer,
         lr_scaling=str(cfg.lr_scaling), channels_last=bool(cfg.model.get("channels_last", False)),
         head_l2=float(policy_cfg.get("head_l2", 0.0)),
     )
@@ -165,7 +166,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         "notes": [cache_note] if use_cache and augment_is_active(augment) else [],
         "run_id": run_id,
     }
-    if use_cache and build_batch_mixer(augment, len(index.classes)) is not None:
+    if use_cache and mixer is not None:
         record["notes"].append("MixUp/CutMix are not applied: they mix images, and the head trains on cached features "
                                "(policy.cache=false applies them)")
     log.info("\n%s", format_policy_block(record))

@@ -106,31 +106,35 @@ class ImageClassifier(L.LightningModule):
         """Make trainable what the plan says for ``epoch`` (idempotent, so resume lands right)."""
         groups = self.plan.trainable_at(epoch)
         set_trainable(self.net, self.stage_map, groups)
-        if self.training and self.frozen_bn_eval:
-            frozen_to_eval(self.net)
+        if self.training:
+            self._hold_eval_modes()
         return groups
 
-    def train(self, mode: bool = True):
-        """Lightning calls train() at every epoch start: keep frozen parts in eval mode."""
-        super().train(mode)
-        if mode and self.frozen_bn_eval and self.plan is not None:
+    def _hold_eval_modes(self) -> None:
+        """Frozen parts (policy.frozen_bn_eval) and, with regularization.trainable_bn=eval, every
+        BatchNorm keep normalising with their stored statistics while the rest trains."""
+        if self.frozen_bn_eval and self.plan is not None:
             frozen_to_eval(self.net)
-        if mode and self.regularization.trainable_bn == "eval":
+        if self.regularization.trainable_bn == "eval":
             set_batchnorm_eval(self.net)
+
+    def train(self, mode: bool = True):
+        """Whenever the module is put in training mode, the parts asked to stay in eval mode do."""
+        super().train(mode)
+        if mode:
+            self._hold_eval_modes()
         return self
 
     def on_train_epoch_start(self) -> None:
-        # Lightning (2.6) does not call train() when fitting starts and restores the modes it saw around
-        # validation, so the BatchNorm mode asked for is set here, every epoch, as well as in train().
-        if self.regularization.trainable_bn == "eval":
-            set_batchnorm_eval(self.net)
-        if self.plan is None:
-            return
-        before = {n for n, p in self.net.named_parameters() if p.requires_grad}
-        groups = self.apply_plan(self.current_epoch)
-        after = {n for n, p in self.net.named_parameters() if p.requires_grad}
-        if after != before:
-            self.print(f"Epoch {self.current_epoch}: trainable groups now {', '.join(groups)}")
+        # Lightning (2.6) does not call train() when fitting starts, and around validation it restores
+        # the modes it saw: so the modes asked for are set again at every epoch start.
+        if self.plan is not None:
+            before = {n for n, p in self.net.named_parameters() if p.requires_grad}
+            groups = self.apply_plan(self.current_epoch)
+            after = {n for n, p in self.net.named_parameters() if p.requires_grad}
+            if after != before:
+                self.print(f"Epoch {self.current_epoch}: trainable groups now {', '.join(groups)}")
+        self._hold_eval_modes()
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
