@@ -14,6 +14,7 @@ from finetune.data.datasets import scan_dataset
 from finetune.data.transforms import resolve_preprocessing
 from finetune.models.backbone import load_pretrained
 from finetune.policy.choose import choose_policy, format_policy_block
+from finetune.train import checked_index
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ def advise(cfg: DictConfig) -> dict[str, Any]:
     index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     backbone, _, pretrained_head = load_pretrained(cfg.model.backbone, cfg.model.weights, **OmegaConf.to_container(cfg.model.kwargs))
     preprocessing = resolve_preprocessing(backbone, cfg.data)
+    index, _ = checked_index(index, cfg, preprocessing.image_size)  # measure on the files training would use
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
     policy_cfg["measure"]["enabled"] = "true"  # advising is measuring, whatever policy is forced
     choice = choose_policy(policy_cfg, backbone, index, preprocessing, pretrained_head, cfg.seed)

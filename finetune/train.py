@@ -107,11 +107,9 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
     preprocessing = resolve_preprocessing(backbone, cfg.data)
     log.info("Preprocessing (from %s's pretrained config unless overridden): %s", cfg.model.backbone, preprocessing.to_dict())
 
-    if cfg.data.get("validate", True):
-        index, data_report = validate_dataset(index, str(cfg.data.on_bad_file), int(cfg.data.min_image_side),
-                                              preprocessing.image_size, float(cfg.data.imbalance_ratio))
-        if rank_zero_only.rank == 0:
-            write_json(run_dir / "data_report.json", data_report.to_dict())
+    index, data_report = checked_index(index, cfg, preprocessing.image_size)
+    if data_report is not None and rank_zero_only.rank == 0:
+        write_json(run_dir / "data_report.json", data_report.to_dict())
 
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
     run_id = _distributed_run_id()
@@ -254,7 +252,9 @@ def train_ensemble(cfg: DictConfig) -> dict[str, Any]:
             raise FinetuneError(f"ensemble member {k} in {member_dir} kept no checkpoint; the ensemble needs best.ckpt.")
         members.append({"seed": int(cfg.seed) + k, "run_dir": str(member_dir), "checkpoint": result["best_checkpoint"],
                         **{key: result[key] for key in ("val/acc", "test/acc") if key in result}})
-    index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    # The members' own index: the same scan, without the files their data check skipped (cached: instant).
+    index, _ = checked_index(scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction,
+                                          cfg.data.split_seed), cfg)
     scores = score_checkpoints([m["checkpoint"] for m in members], index, list(cfg.tta), cfg)
     metrics: dict[str, Any] = {
         **_flat(scores),
@@ -273,6 +273,14 @@ def train_ensemble(cfg: DictConfig) -> dict[str, Any]:
              ", ".join(f"{k}={metrics['ensemble'][f'mean_member_{k}']:.4f}" for k in ("val/acc", "test/acc")
                        if f"mean_member_{k}" in metrics["ensemble"]))
     return metrics
+
+
+def checked_index(index, cfg: DictConfig, input_size: int | None = None):
+    """The index without the files the data check leaves out, and the check's report (None when off)."""
+    if not cfg.data.get("validate", True):
+        return index, None
+    return validate_dataset(index, str(cfg.data.on_bad_file), int(cfg.data.min_image_side), input_size,
+                            float(cfg.data.imbalance_ratio))
 
 
 def split_probabilities(paths: list[str], index, tta: list[str], cfg: DictConfig) -> dict[str, torch.Tensor]:

@@ -106,3 +106,10 @@ def test_class_imbalance_is_reported(tmp_path, monkeypatch):
     _, report = validate_dataset(scan_dataset(root, 0.0, 0.0), imbalance_ratio=10)
     (imbalance,) = [p for p in report.problems if p["kind"] == "class_imbalance"]
     assert "circle has 22" in imbalance["detail"] and "square 2" in imbalance["detail"]
+
+
+def test_ensemble_scores_on_the_files_its_members_trained_on(corpus, fast_cfg, tmp_path):
+    root, files = corpus  # the ensemble's own scoring must skip the same bad files (it used to decode them)
+    (root / "test" / "circle" / "broken.jpg").write_bytes(files["truncated"].read_bytes())
+    metrics = train(fast_cfg(root, "policy=linear_probe", "ensemble.size=2", run_dir=tmp_path / "ens"))
+    assert len(metrics["test/member_acc"]) == 2 and 0 <= metrics["test/acc"] <= 1
