@@ -3,19 +3,24 @@
 # channels_last) and a DDP run over every GPU,
 # each printing images/s and peak GPU memory; exits non-zero on any failure. Not part of the test
 # suite (which must pass without a GPU). Usage: ./scripts/gpu_check.sh [EXTRA_OVERRIDES...]
+# Environment: PY (python with finetune importable; default .venv/bin/python, else python3),
+# DATA (an image folder to use instead of building the Fashion-MNIST demo set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-FT=${FT:-.venv/bin/finetune}
-[ -x "$FT" ] || { echo "run ./scripts/setup_env.sh first" >&2; exit 1; }
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+"$PY" -c "import finetune" 2>/dev/null || { echo "finetune is not importable by $PY: run ./scripts/setup_env.sh first" >&2; exit 1; }
+FT=("$PY" -m finetune)
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 [ "$GPUS" -ge 1 ] || { echo "no CUDA GPU visible to torch" >&2; exit 1; }
 "$PY" -c "import torch; [print(f'GPU {i}: {torch.cuda.get_device_name(i)}') for i in range(torch.cuda.device_count())]"
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-DATA="$WORK/data"
-if [ -d /usr/share/datasets/fashion-mnist ]; then
+if [ -n "${DATA:-}" ]; then
+  echo "data: $DATA"
+elif DATA="$WORK/data" && [ -d /usr/share/datasets/fashion-mnist ]; then
   "$PY" scripts/make_demo_data.py --out "$DATA" >/dev/null
 else  # no Debian dataset here: generated images, 3 classes x 200
   "$PY" - "$DATA" <<'PYEOF'
@@ -34,23 +39,27 @@ for split, n in (("train", 160), ("val", 20), ("test", 20)):
 PYEOF
 fi
 
-run() {  # name, overrides...
+run() {  # name, overrides... (later overrides win)
   local name=$1; shift
   local out="$WORK/$name"
   echo "== $name: $*"
-  "$FT" data.root="$DATA" data.image_size=224 policy=full augment=light trainer.max_epochs=2 \
+  "${FT[@]}" data.root="$DATA" data.image_size=224 policy=full augment=light trainer.max_epochs=2 \
       trainer.enable_progress_bar=false report=false run_dir="$out" "$@" "${EXTRA[@]}"
   "$PY" - "$out" "$name" <<'PYEOF'
 import json, sys
 m = json.load(open(f"{sys.argv[1]}/metrics.json"))
 images = m["images"]["train"] * m["epochs"]
+test = f", test/acc {m['test/acc']:.4f}" if "test/acc" in m else ""
 print(f"RESULT {sys.argv[2]}: {images / m['fit_seconds']:.0f} train images/s (fit {m['fit_seconds']} s incl. validation), "
-      f"val/acc {m['val/acc']:.4f}, peak GPU memory {m.get('peak_gpu_memory_gb', 'n/a')} GB")
+      f"{m['epochs']} epochs, val/acc {m['val/acc']:.4f}{test}, peak GPU memory {m.get('peak_gpu_memory_gb', 'n/a')} GB")
 PYEOF
 }
 EXTRA=("$@")
 run one_gpu trainer=gpu
 run one_gpu_compiled trainer=gpu model.compile=true model.channels_last=true
+# The policy issue's demo recipe (64 px, auto, 10 epochs) on the GPU, fp32 as on CPU
+run auto_demo_64px trainer=gpu trainer.precision=32 data.image_size=64 policy=auto scheduler=onecycle augment=none \
+    trainer.max_epochs=10 report=true
 if [ "$GPUS" -ge 2 ]; then
   run ddp_all trainer=ddp trainer.devices="$GPUS"
 else
