@@ -121,7 +121,8 @@ def test_augmented_views_triple_the_cached_training_set(class_folders):
     cached = CachedFeatureDataModule(images, net, augment=augment_cfg("light"), augmented_views=2)
     cached.setup("fit")
     n = len(index.splits["train"])
-    feats, labels = cached.datasets["train"].tensors
+    feats, labels = cached.train_dataloader().dataset.tensors
+    assert set(cached.datasets) == {"train"}  # a split's features are computed when it is first used
     assert len(feats) == 3 * n and torch.equal(labels[:n], labels[n:2 * n])
     assert not torch.allclose(feats[:n], feats[n:2 * n])  # the views are augmented, not copies
 

@@ -64,18 +64,24 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.seconds = 0.0
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
         self.images.setup(stage)
-        started = time.perf_counter()
-        for split, dataset in self.images.datasets.items():
+
+    def _dataset(self, split: str) -> TensorDataset:
+        """The split's features, computed on first use: fitting pays for train and val, the final
+        test for test (a fit's seconds then measure what the fit needs)."""
+        if split not in self.datasets:
+            started = time.perf_counter()
+            dataset = self.images.datasets[split]
             loader = DataLoader(dataset, batch_size=self.images.eval_batch_size, num_workers=self.images.num_workers)
-            self.datasets[split] = TensorDataset(*pooled_features(self.net, loader))
-        if self.augmented_views:
-            self.datasets["train"] = self._with_augmented_views(self.datasets["train"])
-        self.seconds = time.perf_counter() - started
-        sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
-        log.info("Feature cache: %s vectors of %d dims in %.1f s", sizes, self.datasets["train"].tensors[0].shape[1], self.seconds)
+            features = TensorDataset(*pooled_features(self.net, loader))
+            if split == "train" and self.augmented_views:
+                features = self._with_augmented_views(features)
+            self.datasets[split] = features
+            seconds = time.perf_counter() - started
+            self.seconds += seconds
+            log.info("Feature cache: %s, %d vectors of %d dims in %.1f s", split, len(features),
+                     features.tensors[0].shape[1], seconds)
+        return self.datasets[split]
 
     def _with_augmented_views(self, clean: TensorDataset) -> TensorDataset:
         """The clean features plus ``augmented_views`` passes through the training transform."""
@@ -95,15 +101,15 @@ class CachedFeatureDataModule(L.LightningDataModule):
             # One item holding every feature vector: under DDP the distributed sampler pads it, so each
             # rank trains on all of them (the same convex problem everywhere: L-BFGS's line search then
             # sees the same loss on every rank instead of each rank's shard).
-            return DataLoader(_FullBatch(self.datasets[split]), batch_size=None)
+            return DataLoader(_FullBatch(self._dataset(split)), batch_size=None)
         batch = self.images.batch_size if train else self.images.eval_batch_size
-        return DataLoader(self.datasets[split], batch_size=batch, shuffle=train)
+        return DataLoader(self._dataset(split), batch_size=batch, shuffle=train)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val" if "val" in self.datasets else "train", False)
+        return self._loader("val" if "val" in self.images.datasets else "train", False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
