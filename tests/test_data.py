@@ -247,6 +247,19 @@ def test_load_image_shrinks_to_max_side(tmp_path):
     assert load_image(str(tmp_path / "big.png"), max_side=80).shape == (40, 100, 3)
 
 
+def test_large_jpeg_decodes_at_reduced_scale_to_the_same_picture(tmp_path):
+    from skimage.data import astronaut  # a real photo, 512 x 512
+
+    big = Image.fromarray(astronaut()).resize((1600, 1200), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # portrait on display: the draft must not confuse width and height
+    big.save(tmp_path / "photo.jpg", quality=92, exif=exif)
+    fast = load_image(str(tmp_path / "photo.jpg"), max_side=146)
+    assert fast.shape == (195, 146, 3)  # shorter side exactly max_side, upright
+    reference = Image.open(tmp_path / "photo.jpg").transpose(Image.Transpose.ROTATE_270).resize((146, 195), Image.BICUBIC)
+    assert np.abs(fast.astype(float) - np.asarray(reference, float)).mean() < 3.0  # same picture, ~1 level off
+
+
 def test_broken_image_names_the_file(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     with pytest.raises(FinetuneError, match="bad.png"):

@@ -6,6 +6,8 @@ EXIF orientation is applied so a phone photo is seen upright, as the user sees i
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -45,9 +47,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_image(path: str, max_side: int | None = None) -> np.ndarray:
-    """Decode ``path`` to HxWx3 uint8, optionally shrinking so the shorter side is <= ``max_side``."""
+    """Decode ``path`` to HxWx3 uint8, optionally shrinking so the shorter side is <= ``max_side``.
+
+    A JPEG larger than that is decoded at a reduced scale (1/2, 1/4 or 1/8, never below the size
+    asked for: libjpeg's DCT scaling, via PIL's draft mode) before the exact resize: several times
+    faster for camera photos."""
     try:
         with Image.open(path) as im:
+            if max_side is not None and min(im.size) > 2 * max_side:
+                ratio = max_side / min(im.size)
+                im.draft(im.mode, (math.ceil(im.width * ratio), math.ceil(im.height * ratio)))
             im = ImageOps.exif_transpose(im)
             im = to_rgb(im)
             if max_side is not None and min(im.size) > max_side:

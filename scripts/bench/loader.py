@@ -4,8 +4,9 @@ torchvision.transforms.v2 doing the same operations on the same files.
     .venv/bin/python scripts/bench/loader.py [--size 224] [--images 200] [--rounds 3]
 
 Files: JPEGs cut from scikit-image's sample photos (real photos, 320-512 px), written to a temp dir.
-Each library decodes the file its usual way (cv2 for albumentations, as finetune does; torchvision.io
-for v2) and runs: random resized crop -> horizontal flip -> colour jitter (p 0.8) -> affine (p 0.5) ->
+Each library decodes the file its usual way (finetune's load_image for albumentations: PIL, JPEGs
+decoded at a reduced DCT scale when larger than twice the resize size, as training does;
+torchvision.io for v2) and runs: random resized crop -> horizontal flip -> colour jitter (p 0.8) -> affine (p 0.5) ->
 normalize -> CHW float tensor. One thread each (a DataLoader worker's view), the two measured in
 alternating rounds in the same run; also "transform only" on images decoded beforehand (what
 finetune's in-memory preload does). Prints a markdown table with the ratio.
@@ -25,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from finetune.data.datamodule import decode_side
 from finetune.data.images import load_image
 from finetune.data.transforms import Preprocessing, train_transform
 
@@ -66,44 +68,55 @@ def torchvision_medium(size: int, augment: dict, pp: Preprocessing):
     ])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+def measure(size: int, images: int, rounds: int, log=print) -> dict:
+    """Median images/s of each library and mode over ``rounds`` alternating rounds."""
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     from torchvision.io import ImageReadMode, decode_image
 
     augment = OmegaConf.to_container(OmegaConf.load(CONF))
-    pp = Preprocessing(args.size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 0.875)
+    pp = Preprocessing(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 0.875)
     album = train_transform(pp, augment)
-    tv = torchvision_medium(args.size, augment, pp)
+    tv = torchvision_medium(size, augment, pp)
+    side = decode_side(pp)  # what finetune decodes to: twice the resize size at most
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_files(Path(tmp), args.images)
+        paths = make_files(Path(tmp), images)
         arrays = [load_image(str(p)) for p in paths]
         tensors = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays]
         runs = {
-            ("albumentations", "decode + transform"): lambda: [album(image=load_image(str(p)))["image"] for p in paths],
+            ("albumentations", "decode + transform"): lambda: [album(image=load_image(str(p), side))["image"] for p in paths],
             ("torchvision v2", "decode + transform"): lambda: [tv(decode_image(str(p), mode=ImageReadMode.RGB)) for p in paths],
             ("albumentations", "transform only"): lambda: [album(image=a)["image"] for a in arrays],
             ("torchvision v2", "transform only"): lambda: [tv(t) for t in tensors],
         }
         for fn in runs.values():  # warm-up, and a shape check: both give the same tensor layout
             out = fn()[:1][0]
-            assert out.shape == (3, args.size, args.size) and out.dtype == torch.float32
+            assert out.shape == (3, size, size) and out.dtype == torch.float32
         rates: dict = {k: [] for k in runs}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for key, fn in runs.items():
                 started = time.perf_counter()
                 fn()
                 rates[key].append(len(paths) / (time.perf_counter() - started))
-    print(f"\n{args.images} JPEGs (320-512 px photos), output {args.size} px, 1 thread, median of {args.rounds} rounds\n")
-    print("| mode | albumentations img/s | torchvision v2 img/s | ratio (albumentations / v2) |\n|---|---|---|---|")
+    rows = []
     for mode in ("decode + transform", "transform only"):
         a, t = (float(np.median(rates[(lib, mode)])) for lib in ("albumentations", "torchvision v2"))
-        print(f"| {mode} | {a:.0f} | {t:.0f} | {a / t:.2f} |")
+        rows.append({"size": size, "mode": mode, "albumentations": round(a), "torchvision_v2": round(t), "ratio": round(a / t, 2)})
+        log(f"loader {size} px, {mode}: albumentations {a:.0f} img/s, torchvision v2 {t:.0f} img/s, ratio {a / t:.2f}")
+    return {"images": images, "rounds": rounds, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    result = measure(args.size, args.images, args.rounds, log=lambda *_: None)
+    print(f"\n{args.images} JPEGs (320-512 px photos), output {args.size} px, 1 thread, median of {args.rounds} rounds\n")
+    print("| mode | albumentations img/s | torchvision v2 img/s | ratio (albumentations / v2) |\n|---|---|---|---|")
+    for row in result["rows"]:
+        print(f"| {row['mode']} | {row['albumentations']} | {row['torchvision_v2']} | {row['ratio']:.2f} |")
 
 
 if __name__ == "__main__":
