@@ -69,9 +69,19 @@ def torchvision_medium(size: int, augment: dict, pp: Preprocessing):
 
 
 def measure(size: int, images: int, rounds: int, log=print) -> dict:
-    """Median images/s of each library and mode over ``rounds`` alternating rounds."""
+    """Median images/s of each library and mode over ``rounds`` alternating rounds (one thread; the
+    caller's thread counts are restored afterwards)."""
+    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    try:
+        return _measure(size, images, rounds, log)
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv2_threads)
+
+
+def _measure(size: int, images: int, rounds: int, log) -> dict:
     from torchvision.io import ImageReadMode, decode_image
 
     augment = OmegaConf.to_container(OmegaConf.load(CONF))

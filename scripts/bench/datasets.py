@@ -1,0 +1,63 @@
+"""The benchmark datasets, written once as image folders (``train/``, ``val/``, ``test/``).
+
+- ``fmnist-10``, ``fmnist-50``, ``fmnist-200``: real Fashion-MNIST (``scripts/make_demo_data.py``),
+  10 / 50 / 200 training images per class; the same 10 validation and 200 test images per class in
+  all three (the test draw does not depend on the training size: make_demo_data draws it from the
+  official test file with a fixed seed).
+- ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, ~180 per class), a very different,
+  very small domain; a seeded stratified split into 50% train, 10% validation, 40% test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+FMNIST_SIZES = {"fmnist-10": 10, "fmnist-50": 50, "fmnist-200": 200}
+
+
+def _write_fmnist(out: Path, per_class: int) -> None:
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_data.py"), "--out", str(out),
+                    "--train-per-class", str(per_class), "--val-per-class", "10", "--test-per-class", "200",
+                    "--seed", "0"], check=True, capture_output=True)
+
+
+def _write_digits(out: Path, seed: int = 0) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    for label in np.unique(digits.target):
+        idx = rng.permutation(np.flatnonzero(digits.target == label))
+        n_train, n_val = len(idx) // 2, len(idx) // 10
+        for split, part in (("train", idx[:n_train]), ("val", idx[n_train:n_train + n_val]),
+                            ("test", idx[n_train + n_val:])):
+            folder = out / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in part:
+                Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"{i:04d}.png")
+
+
+def build(root: Path, names: list[str]) -> dict[str, Path]:
+    """Write the named sets under ``root`` (reusing complete ones) and return name -> folder."""
+    folders = {}
+    for name in names:
+        out = root / name
+        if not (out / "test").is_dir():
+            if name in FMNIST_SIZES:
+                _write_fmnist(out, FMNIST_SIZES[name])
+            elif name == "digits":
+                _write_digits(out)
+            else:
+                raise SystemExit(f"unknown benchmark dataset {name!r}: choose from {[*FMNIST_SIZES, 'digits']}")
+        folders[name] = out
+    return folders
+
+
+def train_images(folder: Path) -> int:
+    return sum(1 for p in (folder / "train").rglob("*") if p.is_file())

@@ -1,0 +1,101 @@
+"""Every benchmark of BENCHMARKS.md in one run: loader speed, feature cache, training-loop overhead,
+then accuracy per policy. Writes bench_results/*.json and rewrites the generated part of BENCHMARKS.md.
+
+    .venv/bin/python scripts/bench/suite.py [--quick] [--no-write]
+
+Full: 3 seeds x 4 datasets x 8 policies, overhead over 2 rounds (~30 min on 2 cores).
+--quick: seed 0, two small datasets, 4 policies, one round of everything (~5 min): a smoke run of the
+same code, whose numbers are too few to judge the goals (the summary says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import accuracy
+import datasets
+import feature_cache
+import loader
+import overhead
+import render
+
+MODES = {
+    "full": {"loader": {"sizes": [64, 224], "images": 200, "rounds": 3},
+             "cache": "fmnist-200", "overhead": {"set": "fmnist-50", "rounds": 2},
+             "accuracy": {"sets": ["fmnist-10", "fmnist-50", "fmnist-200", "digits"], "seeds": [0, 1, 2],
+                          "policies": list(accuracy.POLICIES), "images_seen": 4000}},
+    "quick": {"loader": {"sizes": [64], "images": 60, "rounds": 1},
+              "cache": "fmnist-200", "overhead": {"set": "fmnist-50", "rounds": 1},
+              "accuracy": {"sets": ["fmnist-10", "digits"], "seeds": [0],
+                           "policies": ["auto", "linear_probe", "full", "scratch"], "images_seen": 1000}},
+}
+
+
+def environment() -> dict:
+    import albumentations
+    import hydra
+    import lightning
+    import sklearn
+    import timm
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3 if hasattr(os, "sysconf") else None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=False).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False,
+                                cwd=HERE).stdout.strip())
+    return {"date": datetime.date.today().isoformat(), "commit": commit + ("+changes" if dirty else ""),
+            "cores": os.cpu_count(), "cpu": cpu, "memory_gb": round(mem_gb) if mem_gb else None,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "lightning": lightning.__version__, "albumentations": albumentations.__version__,
+            "hydra": hydra.__version__, "scikit-learn": sklearn.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=datasets.REPO / "bench_results")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    args = parser.parse_args()
+    mode = "quick" if args.quick else "full"
+    plan = MODES[mode]
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[bench {time.perf_counter() - started:6.0f}s] {message}", flush=True)
+
+    data = datasets.build(datasets.REPO / "data" / "bench", plan["accuracy"]["sets"] + [plan["cache"], plan["overhead"]["set"]])
+    results = {"mode": mode, "environment": environment()}
+    log(f"{mode} run on {results['environment']['cores']} cores")
+    results["loader"] = [loader.measure(size, plan["loader"]["images"], plan["loader"]["rounds"], log=log)
+                         | {"size": size} for size in plan["loader"]["sizes"]]
+    results["cache"] = feature_cache.measure(str(data[plan["cache"]]), log=log)
+    results["overhead"] = overhead.measure(str(data[plan["overhead"]["set"]]), plan["overhead"]["rounds"], log=log)
+    a = plan["accuracy"]
+    results["accuracy"] = accuracy.run_all(a["sets"], a["seeds"], a["policies"], a["images_seen"], workers=2,
+                                           data_root=datasets.REPO / "data" / "bench", log=log)
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    (args.out / f"results_{mode}.json").write_text(json.dumps(results, indent=2))
+    log(f"done in {results['total_s'] / 60:.1f} min; results in {args.out / f'results_{mode}.json'}")
+    text = render.markdown(results)
+    print(text)
+    if not args.no_write:
+        render.write_into(datasets.REPO / "BENCHMARKS.md", text)
+        log("BENCHMARKS.md rewritten (generated section)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
