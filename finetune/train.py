@@ -176,6 +176,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         if not resume:  # what the model sees: evaluation view and training draws of a few images
             write_preview(index, preprocessing, augment, run_dir / "augment_preview.png", seed=int(cfg.seed))
 
+    module.train()  # the modes the plan asks for, whatever ran the network before (Lightning keeps what it finds)
     started = time.perf_counter()
     if resume:
         log.info("Resuming from %s", resume)

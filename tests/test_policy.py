@@ -248,3 +248,17 @@ def test_bad_policy_values_are_clear_errors(lite0):
         make_plan("partial", {"top_stages": 7}, num_stages=5, best_stage=None)
     with pytest.raises(FinetuneError, match="policy.name=nope"):
         make_plan("nope", {}, num_stages=5, best_stage=None)
+
+
+def test_measuring_leaves_the_network_in_training_mode(lite0, class_folders):
+    """The measurement runs the network in eval mode; it must hand it back in training mode, or
+    Lightning (which keeps the mode it finds) fine-tunes with every BatchNorm frozen."""
+    import copy
+
+    from finetune.data.datasets import scan_dataset
+    from finetune.policy.measure import extract_features
+
+    net = copy.deepcopy(lite0).train()
+    index = scan_dataset(class_folders, 0.2, 0.0, 0)
+    extract_features(net, index.splits["train"][:6], Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0))
+    assert all(m.training for m in net.modules())

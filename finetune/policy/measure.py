@@ -71,8 +71,19 @@ def subsample(samples: list[Sample], max_per_class: int, max_images: int, seed: 
 def extract_features(
     model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_size: int = 64
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
-    """Pooled per-stage features, pre-logits features, and the pretrained head's logits (if any)."""
+    """Pooled per-stage features, pre-logits features, and the pretrained head's logits (if any).
+
+    The model is put back in the mode it came in: the same network trains next, and Lightning keeps
+    the mode it finds (a model left in eval mode would fine-tune with every BatchNorm frozen)."""
+    was_training = model.training
     model.eval()
+    try:
+        return _extract(model, samples, pp, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _extract(model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_size: int):
     images = decode_all([p for p, _ in samples], decode_side(pp), float("inf"))
     loader = DataLoader(ImageListDataset(samples, eval_transform(pp), images), batch_size=batch_size)
     stages: list[list[np.ndarray]] = []

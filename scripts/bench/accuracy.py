@@ -58,12 +58,12 @@ def _init_worker(threads: int) -> None:
     logging.getLogger("finetune").setLevel(logging.WARNING)
 
 
-def run_one(root: str, row: str, policy: str, seed: int, epochs: int) -> dict:
+def run_one(root: str, row: str, policy: str, seed: int, epochs: int, extra: tuple[str, ...] = ()) -> dict:
     from hydra import compose, initialize_config_module
 
     from finetune.train import train
 
-    overrides = [f"data.root={root}", f"seed={seed}", f"trainer.max_epochs={epochs}", *RECIPE, *POLICIES[policy]]
+    overrides = [f"data.root={root}", f"seed={seed}", f"trainer.max_epochs={epochs}", *RECIPE, *POLICIES[policy], *extra]
     if policy == "lp_ft":
         overrides.append(f"policy.probe_epochs={max(1, round(0.3 * epochs))}")
     with tempfile.TemporaryDirectory() as tmp, initialize_config_module("finetune.conf", version_base="1.3"):
@@ -78,7 +78,7 @@ def run_one(root: str, row: str, policy: str, seed: int, epochs: int) -> dict:
 
 
 def run_all(sets: list[str], seeds: list[int], policies: list[str], images_seen: int, workers: int,
-            data_root: Path, out: Path | None = None, log=print) -> dict:
+            data_root: Path, out: Path | None = None, log=print, extra: tuple[str, ...] = ()) -> dict:
     folders = datasets.build(data_root, sets)
     jobs = []
     for row, folder in folders.items():
@@ -92,14 +92,14 @@ def run_all(sets: list[str], seeds: list[int], policies: list[str], images_seen:
     results, started = [], time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
-        futures = [pool.submit(run_one, *job[:-1]) for job in jobs]
+        futures = [pool.submit(run_one, *job[:-1], extra) for job in jobs]
         for future in as_completed(futures):
             results.append(future.result())
             r = results[-1]
             log(f"[{len(results)}/{len(jobs)} {time.perf_counter() - started:.0f}s] {r['set']} {r['policy']} "
                 f"seed {r['seed']}: test acc {r['test_acc']:.4f} ({r['applied']}, {r['wall_s']} s)")
     report = {"sets": sets, "seeds": seeds, "policies": policies, "images_seen": images_seen, "workers": workers,
-              "threads_per_worker": threads, "recipe": RECIPE, "total_s": round(time.perf_counter() - started, 1),
+              "threads_per_worker": threads, "recipe": [*RECIPE, *extra], "total_s": round(time.perf_counter() - started, 1),
               "train_images": {row: datasets.train_images(f) for row, f in folders.items()}, "runs": results}
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,8 +116,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data", type=Path, default=datasets.REPO / "data" / "bench")
     parser.add_argument("--out", type=Path, default=Path("bench_results/accuracy.json"))
-    args = parser.parse_args()
-    run_all(args.sets, args.seeds, args.policies, args.images_seen, args.workers, args.data, args.out)
+    args, extra = parser.parse_known_args()  # anything else: Hydra overrides for every run
+    run_all(args.sets, args.seeds, args.policies, args.images_seen, args.workers, args.data, args.out,
+            extra=tuple(e for e in extra if e != "--"))
 
 
 if __name__ == "__main__":
