@@ -100,7 +100,8 @@ def markdown(results: dict) -> str:
     out += ["## Accuracy per policy", "",
             (f"Test accuracy, mean ± std over seeds {', '.join(map(str, acc['seeds']))} (the training seed; data draw "
             "and policy measurement fixed). Recipe, the policy issue's demo: 64 px input, AdamW lr 1e-3 with "
-            "one-cycle, no augmentation, batch 32, `model.channels_last=true` (1.3x faster on this CPU, same "
+            "one-cycle, no augmentation, batch 32, BatchNorm statistics kept (the default "
+            "`regularization.trainable_bn=eval`), `model.channels_last=true` (1.3x faster on this CPU, same "
             f"results). Budget, the same for every policy of a row: at most {acc['images_seen']} training images "
             "seen per run, i.e. min(10, images_seen // n_train) epochs; lp_ft probes for 30% of them. `scratch` "
             "is `policy=full model.weights=none`. Data: Fashion-MNIST few-shot (10 / 50 / 200 training images per "
