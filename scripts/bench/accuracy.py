@@ -58,20 +58,25 @@ def _init_worker(threads: int) -> None:
     logging.getLogger("finetune").setLevel(logging.WARNING)
 
 
-def run_one(root: str, row: str, policy: str, seed: int, epochs: int, extra: tuple[str, ...] = ()) -> dict:
+def timed_train(overrides: list[str]) -> tuple[dict, dict, float]:
+    """One real train(cfg) in a temporary run folder: its metrics, its policy.json and the wall seconds."""
     from hydra import compose, initialize_config_module
 
     from finetune.train import train
 
-    overrides = [f"data.root={root}", f"seed={seed}", f"trainer.max_epochs={epochs}", *RECIPE, *POLICIES[policy], *extra]
-    if policy == "lp_ft":
-        overrides.append(f"policy.probe_epochs={max(1, round(0.3 * epochs))}")
     with tempfile.TemporaryDirectory() as tmp, initialize_config_module("finetune.conf", version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"run_dir={tmp}"])
         started = time.perf_counter()
         metrics = train(cfg)
         wall = time.perf_counter() - started
-        record = json.loads((Path(tmp) / "policy.json").read_text())
+        return metrics, json.loads((Path(tmp) / "policy.json").read_text()), wall
+
+
+def run_one(root: str, row: str, policy: str, seed: int, epochs: int, extra: tuple[str, ...] = ()) -> dict:
+    overrides = [f"data.root={root}", f"seed={seed}", f"trainer.max_epochs={epochs}", *RECIPE, *POLICIES[policy], *extra]
+    if policy == "lp_ft":
+        overrides.append(f"policy.probe_epochs={max(1, round(0.3 * epochs))}")
+    metrics, record, wall = timed_train(overrides)
     return {"set": row, "policy": policy, "seed": seed, "epochs": epochs, "test_acc": metrics.get("test/acc"),
             "val_acc": metrics.get("val/acc"), "wall_s": round(wall, 1), "applied": record["policy_applied"],
             "quadrant": record.get("quadrant"), "trainable": record["parameters"]["trainable"]}

@@ -13,13 +13,10 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
-
-from finetune.train import train
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import timed_train
 
 # Row label -> overrides. stage_probe fine-tunes the kept stages by default; its frozen variant is a
 # pure linear probe on the best earlier stage (the CS231n "little + different" cell taken literally).
@@ -38,12 +35,7 @@ POLICIES = {
 
 def run(root: str, policy: str, seed: int, extra: list[str]) -> dict:
     overrides = [f"data.root={root}", f"seed={seed}", "trainer.enable_progress_bar=false", *POLICIES[policy], *extra]
-    with tempfile.TemporaryDirectory() as tmp, initialize_config_module("finetune.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"run_dir={tmp}"])
-        started = time.perf_counter()
-        metrics = train(cfg)
-        wall = time.perf_counter() - started
-        record = json.loads((Path(tmp) / "policy.json").read_text())
+    metrics, record, wall = timed_train(overrides)
     return {"policy": policy, "seed": seed, "test_acc": metrics.get("test/acc"), "val_acc": metrics.get("val/acc"),
             "wall_s": round(wall, 1), "applied": record["policy_applied"], "quadrant": record["quadrant"]}
 
