@@ -85,9 +85,9 @@ def run_one(root: str, row: str, policy: str, seed: int, epochs: int, extra: tup
 def run_all(sets: list[str], seeds: list[int], policies: list[str], images_seen: int, workers: int,
             data_root: Path, out: Path | None = None, log=print, extra: tuple[str, ...] = ()) -> dict:
     folders = datasets.build(data_root, sets)
-    jobs = []
+    jobs, sizes = [], {}
     for row, folder in folders.items():
-        n_train = datasets.train_images(folder)
+        n_train = sizes[row] = datasets.train_images(folder)
         epochs = epochs_for(n_train, images_seen)
         for policy in policies:
             for seed in seeds:
@@ -105,7 +105,7 @@ def run_all(sets: list[str], seeds: list[int], policies: list[str], images_seen:
                 f"seed {r['seed']}: test acc {r['test_acc']:.4f} ({r['applied']}, {r['wall_s']} s)")
     report = {"sets": sets, "seeds": seeds, "policies": policies, "images_seen": images_seen, "workers": workers,
               "threads_per_worker": threads, "recipe": [*RECIPE, *extra], "total_s": round(time.perf_counter() - started, 1),
-              "train_images": {row: datasets.train_images(f) for row, f in folders.items()}, "runs": results}
+              "train_images": sizes, "runs": results}
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
