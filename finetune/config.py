@@ -62,6 +62,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     _check_monitor("monitor", cfg.monitor)
     if cfg.monitor_mode not in ("min", "max"):
         raise FinetuneError(f"monitor_mode={cfg.monitor_mode} must be min or max.")
+    if cfg.get("score_checkpoint", "auto") not in ("auto", "best", "last"):
+        raise FinetuneError(f"score_checkpoint={cfg.score_checkpoint} must be auto, best or last.")
     for name, cb in (cfg.get("callbacks") or {}).items():
         if cb is not None and cb.get("monitor") is not None:
             _check_monitor(f"callbacks.{name}.monitor", cb.monitor)

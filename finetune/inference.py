@@ -68,7 +68,7 @@ def tta_batches(x: torch.Tensor, views: Sequence[str]) -> list[torch.Tensor]:
 
 def resolve_members(ckpt: Any, key: str = "ckpt") -> list[str]:
     """Checkpoint paths from ``ckpt``: a .ckpt file, a list of them, or a run folder (its ensemble's
-    members from ensemble.json, else its checkpoints/best.ckpt)."""
+    members from ensemble.json, else the checkpoint its metrics.json says the run scored, else best.ckpt)."""
     if isinstance(ckpt, (list, tuple, ListConfig)):
         return [p for item in ckpt for p in resolve_members(item, key)]
     if ckpt in (None, "", "???"):
@@ -78,8 +78,19 @@ def resolve_members(ckpt: Any, key: str = "ckpt") -> list[str]:
         listing = path / ENSEMBLE_FILE
         if listing.is_file():
             return [str(path / m) if not Path(m).is_absolute() else m for m in json.loads(listing.read_text())["members"]]
-        return [str(path / "checkpoints" / "best.ckpt")]
+        return [str(_scored_checkpoint(path))]
     return [str(path)]
+
+
+def _scored_checkpoint(run: Path) -> Path:
+    """RUN/checkpoints/<the file the run scored> (best.ckpt or last.ckpt, see score_checkpoint), looked up
+    by name inside ``run`` so a moved run folder still resolves; best.ckpt for runs without that record."""
+    try:
+        scored = json.loads((run / "metrics.json").read_text()).get("scored_checkpoint")
+    except (OSError, ValueError):
+        scored = None
+    candidate = run / "checkpoints" / Path(str(scored)).name if scored else None
+    return candidate if candidate is not None and candidate.is_file() else run / "checkpoints" / "best.ckpt"
 
 
 def load_members(ckpt: Any, key: str = "ckpt") -> list[LoadedCheckpoint]:

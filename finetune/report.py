@@ -62,7 +62,7 @@ def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
                 else:
                     continue
                 series.setdefault(key, []).append((epoch, float(value)))
-    # The scoring of the best checkpoint after fit logs val/* once more, at an epoch with no training.
+    # The scoring of the chosen checkpoint after fit logs val/* once more, at an epoch with no training.
     last_train = max((e for k, v in series.items() if k.startswith("train/") for e, _ in v), default=None)
     if last_train is not None:
         series = {k: [(e, x) for e, x in v if k.startswith(("train/", "lr-")) or e <= last_train] for k, v in series.items()}
@@ -233,6 +233,8 @@ def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[
                if k in metrics]
     intro = (f"Backbone {cfg.model.backbone} ({metrics.get('weights')} weights), policy {metrics.get('policy')}, "
              f"run folder {run_dir}.")
+    if metrics.get("checkpoint_choice"):
+        intro += f" Scores are those of {metrics['checkpoint_choice']}."
     blocks += [("p", intro), ("table", ["metric", "value"], summary)]
 
     blocks += [("h", "Dataset"), ("p", index.summary())]
@@ -275,12 +277,13 @@ def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[
         blocks += [("h", "Learning curves"), ("img", curves, "learning curves")]
 
     split = "test" if "test" in split_probs else "val"
+    which = Path(str(metrics.get("scored_checkpoint") or "final weights")).stem.replace("_", " ")
     if split in split_probs:
         samples = index.splits[split]
         scores = per_class_scores(split_probs[split], [y for _, y in samples], classes)
         files["confusion_matrix"] = plot_confusion(scores["confusion"], classes, Path(run_dir) / "confusion_matrix.png",
-                                                   f"{split} split, best checkpoint (accuracy {scores['accuracy']:.4f})")
-        blocks += [("h", f"Per-class results ({split} split, best checkpoint)"),
+                                                   f"{split} split, {which} checkpoint (accuracy {scores['accuracy']:.4f})")
+        blocks += [("h", f"Per-class results ({split} split, {which} checkpoint)"),
                    ("img", files["confusion_matrix"], "confusion matrix"),
                    ("table", ["class", "precision", "recall", "F1", "support"],
                     [[c, float(scores["precision"][i]), float(scores["recall"][i]), float(scores["f1"][i]), int(scores["support"][i])]

@@ -342,6 +342,36 @@ def test_tta_views_and_eval_with_tta(split_folders, fast_cfg, tmp_path):
         evaluate(make_cfg([f"ckpt={metrics['best_checkpoint']}", f"data.root={split_folders}", "tta=[hflp]"], "eval"))
 
 
+def test_auto_scores_the_last_epoch_after_an_annealed_schedule_and_the_best_one_otherwise(split_folders, fast_cfg,
+                                                                                            tmp_path):
+    annealed = train(fast_cfg(split_folders, "policy=full", "scheduler=onecycle", "trainer.max_epochs=2",
+                              run_dir=tmp_path / "onecycle"))
+    assert Path(annealed["scored_checkpoint"]).name == "last.ckpt"
+    assert "annealed" in annealed["checkpoint_choice"]
+    # The reported scores are last.ckpt's, and `ckpt=RUN` resolves to the checkpoint the run scored.
+    scored = evaluate(make_cfg([f"ckpt={tmp_path / 'onecycle'}", f"data.root={split_folders}",
+                                f"run_dir={tmp_path / 'eval'}"], "eval"))
+    assert scored["acc"] == pytest.approx(annealed["test/acc"], abs=1e-6)
+    assert scored["loss"] == pytest.approx(annealed["test/loss"], abs=1e-5)
+
+    constant = train(fast_cfg(split_folders, "policy=full", "scheduler=none", "trainer.max_epochs=2",
+                              run_dir=tmp_path / "constant"))
+    assert Path(constant["scored_checkpoint"]).name == "best.ckpt"
+    assert "above 0.1 x its peak" in constant["checkpoint_choice"]
+    # ReduceLROnPlateau (the default) lowers the LR because validation stalled: the best epoch, even
+    # after the LR fell below 10% of its peak (two reductions here).
+    plateau = train(fast_cfg(split_folders, "policy=full", "scheduler=plateau", "scheduler.patience=0",
+                             "optimizer=sgd", "optimizer.lr=1e-6", "trainer.max_epochs=3", "~callbacks.early_stopping",
+                             run_dir=tmp_path / "plateau"))
+    assert len(plateau["lr_reductions"]) == 2
+    assert Path(plateau["scored_checkpoint"]).name == "best.ckpt" and "ReduceLROnPlateau" in plateau["checkpoint_choice"]
+    forced = train(fast_cfg(split_folders, "policy=full", "scheduler=none", "trainer.max_epochs=2",
+                            "score_checkpoint=last", run_dir=tmp_path / "forced"))
+    assert Path(forced["scored_checkpoint"]).name == "last.ckpt"
+    with pytest.raises(FinetuneError, match="score_checkpoint=newest must be auto, best or last"):
+        validate_train_config(fast_cfg(split_folders, "score_checkpoint=newest"))
+
+
 def test_configured_regularization_reaches_the_module(class_folders, fast_cfg):
     cfg = fast_cfg(class_folders, "regularization=strong")
     reg = Regularization.from_config(OmegaConf.to_container(cfg.regularization))

@@ -1,4 +1,5 @@
-"""Lightning callbacks for the recipe: a readable record of plateau LR reductions, and snapshots.
+"""Lightning callbacks for the recipe: a readable record of plateau LR reductions, the LR range a
+run trained with, and snapshots.
 
 Lightning's LearningRateMonitor logs the LR every epoch; what a person wants to read is *when*
 ReduceLROnPlateau fired and what the LR became, so that is logged and kept for metrics.json.
@@ -82,6 +83,33 @@ class PlateauReductionLog(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reductions = list(state_dict.get("reductions", []))
+
+
+class LRTrace(Callback):
+    """The highest learning rate any group trained with, and the one the last step used: together they
+    say whether the schedule annealed by the end (one-cycle, cosine), which decides what checkpoint
+    ``score_checkpoint=auto`` scores. Kept in checkpoints, so a resumed run still knows its peak."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self.last = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        lrs = _group_lrs(trainer).values()
+        if lrs:
+            self.last = max(lrs)
+            self.peak = max(self.peak, self.last)
+
+    def annealed(self, fraction: float) -> bool:
+        """The last step's LR is at most ``fraction`` of the peak."""
+        return self.peak > 0 and self.last <= fraction * self.peak
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"peak": self.peak, "last": self.last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.peak = float(state_dict.get("peak", 0.0))
+        self.last = float(state_dict.get("last", 0.0))
 
 
 class SnapshotCheckpoint(Callback):
