@@ -103,7 +103,8 @@ def markdown(results: dict) -> str:
             "one-cycle, no augmentation, batch 32, BatchNorm statistics kept (the default "
             "`regularization.trainable_bn=eval`), `model.channels_last=true` (1.3x faster on this CPU, same "
             f"results). Budget, the same for every policy of a row: at most {acc['images_seen']} training images "
-            "seen per run, i.e. min(10, images_seen // n_train) epochs; lp_ft probes for 30% of them. `scratch` "
+            "seen per run, i.e. min(10, images_seen // n_train) epochs; lp_ft probes for 30% of them. The last "
+            "epoch is scored (`score_checkpoint=auto`: one-cycle anneals the LR to ~0). `scratch` "
             "is `policy=full model.weights=none`. Data: Fashion-MNIST few-shot (10 / 50 / 200 training images per "
             "class, the same 10 validation and 200 test images per class, 28 px grayscale) and scikit-learn's "
             "8x8 digits (50% / 10% / 40% split). Best fixed policy of each row in bold."), ""]
