@@ -19,7 +19,6 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from finetune.config import (
     build_optimizer_and_scheduler,
@@ -46,6 +45,7 @@ from finetune.recipe.callbacks import (
     PlateauReductionLog,
     RNGStateCheckpoint,
     SnapshotCheckpoint,
+    plateau_scheduler,
 )
 from finetune.recipe.regularization import Regularization
 from finetune.recipe.schedulers import cycle_end_epochs
@@ -429,8 +429,7 @@ def _scoring_checkpoint(mode: str, trainer: L.Trainer, lr_trace: LRTrace, best: 
     last = run_dir / "checkpoints" / "last.ckpt"
     last_path = str(last) if last.is_file() else None
     if mode == "auto":
-        plateau = any(isinstance(c.scheduler, ReduceLROnPlateau) for c in trainer.lr_scheduler_configs)
-        if plateau:
+        if plateau_scheduler(trainer) is not None:
             mode, why = "best", "the best epoch by the monitored metric (ReduceLROnPlateau: its reductions follow validation)"
         elif lr_trace.annealed(ANNEALED_FRACTION):
             mode, why = "last", (f"the last epoch (the LR annealed to {lr_trace.last:.3g}, at most "

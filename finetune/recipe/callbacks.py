@@ -38,6 +38,11 @@ def _describe(lowered: dict[str, tuple[float, float]]) -> str:
     return ", ".join(f"{k} {o:.3g} -> {n:.3g}" for k, (o, n) in lowered.items())
 
 
+def plateau_scheduler(trainer: L.Trainer) -> ReduceLROnPlateau | None:
+    """The run's ReduceLROnPlateau, if it has one."""
+    return next((c.scheduler for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, ReduceLROnPlateau)), None)
+
+
 class PlateauReductionLog(Callback):
     """Each ReduceLROnPlateau reduction: after which epoch, and every group's LR before and after."""
 
@@ -45,12 +50,8 @@ class PlateauReductionLog(Callback):
         self.reductions: list[dict[str, Any]] = []
         self._last: dict[str, float] | None = None
 
-    @staticmethod
-    def _plateau(trainer: L.Trainer) -> ReduceLROnPlateau | None:
-        return next((c.scheduler for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, ReduceLROnPlateau)), None)
-
     def _check(self, trainer: L.Trainer) -> None:
-        plateau = self._plateau(trainer)
+        plateau = plateau_scheduler(trainer)
         now = _group_lrs(trainer)
         if plateau is not None and self._last is not None:
             lowered = {k: (self._last[k], v) for k, v in now.items() if k in self._last and v < self._last[k] * (1 - 1e-9)}
