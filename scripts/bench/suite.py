@@ -53,7 +53,7 @@ def environment() -> dict:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3 if hasattr(os, "sysconf") else None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=False).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"], capture_output=True, text=True, check=False,
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)BENCHMARKS.md"], capture_output=True, text=True, check=False,
                                 cwd=HERE).stdout.strip())
     return {"date": datetime.date.today().isoformat(), "commit": commit + ("+changes" if dirty else ""),
             "cores": os.cpu_count(), "cpu": cpu, "memory_gb": round(mem_gb) if mem_gb else None,
