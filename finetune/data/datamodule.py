@@ -20,8 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.datasets import DatasetIndex, Sample
-from finetune.data.images import load_image
+from finetune.data.images import BadImageError, load_image
 from finetune.data.transforms import Preprocessing, eval_transform, train_transform
+from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +34,47 @@ def decode_side(pp: Preprocessing) -> int:
 
 
 class ImageListDataset(Dataset):
-    """(image tensor, label) for a list of (path, label); decoded arrays are used when given."""
+    """(image tensor, label) for a list of (path, label); decoded arrays are used when given.
+
+    With ``on_bad_file="skip"`` a file that fails to load here (it changed or became unreadable after the
+    data check) is logged by name and the next loadable sample takes its place, as the check would have
+    left it out; otherwise the error names the file."""
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, images: Sequence[np.ndarray] | None = None,
-                 max_side: int | None = None):
+                 max_side: int | None = None, on_bad_file: str = "error"):
         self.samples = list(samples)
         self.transform = transform
         self.images = images
         self.max_side = max_side
+        self.on_bad_file = on_bad_file
+        self.failed: set[str] = set()  # per process: each loader worker keeps its own
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[i]
-        image = self.images[i] if self.images is not None else load_image(path, self.max_side)
+        if self.images is not None:
+            image, label = self.images[i], self.samples[i][1]
+        else:
+            image, label = self._load(i)
         return self.transform(image=image)["image"], label
+
+    def _load(self, i: int) -> tuple[np.ndarray, int]:
+        n = len(self.samples)
+        for j in range(i, i + n):
+            path, label = self.samples[j % n]
+            if path in self.failed:
+                continue
+            try:
+                return load_image(path, self.max_side), label
+            except BadImageError as e:
+                if self.on_bad_file != "skip":
+                    raise
+                self.failed.add(path)
+                log.warning("Skipping %s: %s (it passed the data check but fails now; data.on_bad_file=skip)",
+                            path, e.reason)
+        raise FinetuneError(f"None of the {n} images of this split can be read any more (e.g. {self.samples[i][0]}); "
+                            f"check that the data is still there and readable.")
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -64,20 +90,37 @@ def _seed_worker(worker_id: int) -> None:
         transform.set_random_seed(int(base) * 1000 + worker_id + 1)
 
 
-def decode_all(paths: Sequence[str], max_side: int, budget_bytes: float, chunk: int = 64) -> list[np.ndarray] | None:
+def decode_all(paths: Sequence[str], max_side: int, budget_bytes: float, chunk: int = 64,
+               skip_bad: bool = False) -> list[np.ndarray | None] | None:
     """Decode every path; None as soon as the arrays would exceed ``budget_bytes``.
+
+    With ``skip_bad`` a file that cannot be decoded is logged by name and its entry is None (the caller
+    drops it); otherwise its :class:`BadImageError` propagates.
 
     The first ``chunk`` files are decoded in this thread and timed. Where a file takes under half a
     millisecond (small PNGs) the rest follow in this thread too: the decoder's Python side holds the
     GIL, and threads made 2000 28-px PNGs 1.7x slower on 2 cores. Larger files go over one thread per
     core, ``chunk`` files per task (2 threads: 1.9x faster on 1600x1200 JPEGs). Past the budget, the
     files not yet started are not decoded."""
-    images: list[np.ndarray] = []
+    images: list[np.ndarray | None] = []
     used = 0
 
-    def keep(decoded: list[np.ndarray]) -> bool:
+    def decode(path: str) -> np.ndarray | None:
+        try:
+            return load_image(path, max_side)
+        except BadImageError as e:
+            if not skip_bad:
+                raise
+            log.warning("Skipping %s: %s (it passed the data check but fails now; data.on_bad_file=skip)",
+                        path, e.reason)
+            return None
+
+    def keep(decoded: list[np.ndarray | None]) -> bool:
         nonlocal used
         for image in decoded:
+            if image is None:
+                images.append(None)
+                continue
             used += image.nbytes
             if used > budget_bytes:
                 return False
@@ -85,15 +128,15 @@ def decode_all(paths: Sequence[str], max_side: int, budget_bytes: float, chunk: 
         return True
 
     started = time.perf_counter()
-    if not keep([load_image(p, max_side) for p in paths[:chunk]]):
+    if not keep([decode(p) for p in paths[:chunk]]):
         return None
     runs = [paths[i : i + chunk] for i in range(chunk, len(paths), chunk)]
     workers = min(8, os.cpu_count() or 1, len(runs))
     if workers <= 1 or (time.perf_counter() - started) / max(1, len(images)) < 5e-4:
-        return images if all(keep([load_image(p, max_side) for p in run]) for run in runs) else None
+        return images if all(keep([decode(p) for p in run]) for run in runs) else None
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        if not all(keep(decoded) for decoded in pool.map(lambda run: [load_image(p, max_side) for p in run], runs)):
+        if not all(keep(decoded) for decoded in pool.map(lambda run: [decode(p) for p in run], runs)):
             return None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -113,8 +156,10 @@ class ImageDataModule(L.LightningDataModule):
         preload: bool | str = "auto",
         preload_max_gb: float = 2.0,
         seed: int | None = None,
+        on_bad_file: str = "skip",
     ):
         super().__init__()
+        self.on_bad_file = on_bad_file  # data.on_bad_file, for a file that fails after the data check passed it
         self.index = index
         self.preprocessing = preprocessing
         self.augment = augment
@@ -131,11 +176,11 @@ class ImageDataModule(L.LightningDataModule):
     def max_side(self) -> int:
         return decode_side(self.preprocessing)
 
-    def _decoded(self, samples: Sequence[Sample]) -> list[np.ndarray] | None:
+    def _decoded(self, samples: Sequence[Sample]) -> list[np.ndarray | None] | None:
         if self.preload is False or self.preload == "false":
             return None
         budget = self.preload_max_gb * 1024**3 if self.preload == "auto" else float("inf")
-        images = decode_all([p for p, _ in samples], self.max_side, budget)
+        images = decode_all([p for p, _ in samples], self.max_side, budget, skip_bad=self.on_bad_file == "skip")
         if images is None:
             log.info("Dataset larger than data.preload_max_gb=%s: decoding per item in workers.", self.preload_max_gb)
         return images
@@ -146,7 +191,11 @@ class ImageDataModule(L.LightningDataModule):
         for split, samples in self.index.splits.items():
             transform = (train_transform(self.preprocessing, self.augment, self.seed) if split == "train"
                          else eval_transform(self.preprocessing))
-            self.datasets[split] = ImageListDataset(samples, transform, self._decoded(samples), self.max_side)
+            images = self._decoded(samples)
+            if images is not None and any(image is None for image in images):  # failed since the check: left out
+                samples = [s for s, image in zip(samples, images) if image is not None]
+                images = [image for image in images if image is not None]
+            self.datasets[split] = ImageListDataset(samples, transform, images, self.max_side, self.on_bad_file)
         preloaded = all(d.images is not None for d in self.datasets.values())
         self.num_workers = self._resolve_workers(preloaded)
         log.info("Data: %s; decoded in memory: %s; loader workers: %d", self.index.summary(), preloaded, self.num_workers)
@@ -175,6 +224,8 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
+        # No validation split: the loop scores the training images (evaluation transform), and the
+        # module logs them as train_eval/*, never as val/* (train.without_validation).
         return self._loader("val" if "val" in self.datasets else "train", train=False)
 
     def test_dataloader(self) -> DataLoader:

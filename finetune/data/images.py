@@ -6,7 +6,10 @@ EXIF orientation is applied so a phone photo is seen upright, as the user sees i
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import stat
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,12 +22,27 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 class BadImageError(FinetuneError):
     """A file that cannot be decoded as an image."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str | None = None):
+        if reason is None:  # rebuilt from one message by torch's DataLoader after a worker raised it
+            super().__init__(path.rsplit("BadImageError: ", 1)[-1].strip())
+            self.path, self.reason = None, None
+            return
         super().__init__(
             f"Could not read image {path}: {reason}. Replace or remove the file "
             f"(training checks files first: data.on_bad_file=skip leaves such files out and lists them)."
         )
-        self.path = path
+        self.path, self.reason = path, reason
+
+
+def _open_regular(path: str):
+    """A binary file object for ``path`` when it is a regular file. Opened non-blocking, so a FIFO named
+    x.jpg fails here instead of hanging the loader; a folder named x.jpg fails too."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{'a folder' if stat.S_ISDIR(mode) else 'not a regular file'}, not an image file")
+    return os.fdopen(fd, "rb")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -53,7 +71,7 @@ def load_image(path: str, max_side: int | None = None) -> np.ndarray:
     asked for: libjpeg's DCT scaling, via PIL's draft mode) before the exact resize: several times
     faster for camera photos."""
     try:
-        with Image.open(path) as im:
+        with _open_regular(path) as f, Image.open(f) as im:
             if max_side is not None and min(im.size) > 2 * max_side:
                 ratio = max_side / min(im.size)
                 im.draft(im.mode, (math.ceil(im.width * ratio), math.ceil(im.height * ratio)))
@@ -64,4 +82,8 @@ def load_image(path: str, max_side: int | None = None) -> np.ndarray:
                 im = im.resize((max(1, round(im.width * ratio)), max(1, round(im.height * ratio))), Image.BICUBIC)
             return np.asarray(im, dtype=np.uint8).copy()
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
-        raise BadImageError(path, str(e) or type(e).__name__) from None
+        if isinstance(e, OSError) and e.strerror:
+            reason = e.strerror if e.errno != errno.ENOENT or not os.path.islink(path) else "dangling symlink"
+        else:
+            reason = str(e) or type(e).__name__
+        raise BadImageError(path, reason) from None
