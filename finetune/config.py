@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import pydoc
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from finetune.errors import FinetuneError, close_matches
 
@@ -29,16 +34,25 @@ WARMUP_KEYS = ("warmup_epochs", "warmup_start_factor")
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
-    """cfg.run_dir, else Hydra's output dir, else a fresh outputs/<time> folder (library calls)."""
+    """cfg.run_dir, else Hydra's output dir, else a fresh outputs/<time> folder (library calls); created."""
+    from finetune.run_files import is_hydra_fallback
+
     if cfg.get("run_dir"):
-        path = Path(cfg.run_dir)
+        path = Path(str(cfg.run_dir)).expanduser()
     elif HydraConfig.initialized():
         path = Path(HydraConfig.get().runtime.output_dir)
+        if is_hydra_fallback(path):  # the default outputs/<date>/<time> could not be written
+            raise FinetuneError(f"The current folder {Path.cwd()} is not writable, and the run's default folder "
+                                f"(outputs/<date>/<time>) is in it. Pass run_dir=DIR, a folder you can write to.")
     else:
         from datetime import datetime
 
         path = Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FinetuneError(f"run_dir={path} cannot be created ({e.strerror or e}): a run writes its checkpoints, "
+                            f"logs and report there. Pass run_dir=DIR, a folder you can write to.") from None
     return path.resolve()
 
 
@@ -47,6 +61,149 @@ def _check_monitor(key: str, value: Any) -> None:
         raise FinetuneError(
             f"{key}={value} is not a metric that training logs; choose one of {', '.join(LOGGED_METRICS)}."
             f"{close_matches(str(value), LOGGED_METRICS)}"
+        )
+
+
+def _whole(value: Any, lo: int, hi: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+
+
+def _number(value: Any, lo: float, hi: float | None = None, open_lo: bool = False) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    return (value > lo if open_lo else value >= lo) and (hi is None or value <= hi)
+
+
+def _optional(check: Callable[[Any], bool], *also: Any) -> Callable[[Any], bool]:
+    """``check``, or None / one of ``also`` (e.g. "auto")."""
+    return lambda v: v is None or (isinstance(v, (str, bool)) and v in also) or check(v)
+
+
+def _devices(value: Any) -> bool:
+    """Lightning's forms: auto, N >= 1, -1 (all), a list of device indices, or "0,1" / "-1"."""
+    if value == "auto" or value == -1 or _whole(value, 1):
+        return True
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.strip(",").split(",")]
+        return value.strip() == "-1" or (all(p.isdigit() for p in parts) and (len(parts) > 1 or int(parts[0]) > 0))
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(_whole(v, 0) for v in value)
+
+
+_FLAG = "must be true or false"
+# (key, check, what the value must be): types and ranges of the common keys, checked before any heavy work
+# so that a typo'd number fails in a second with its key named, not deep inside Lightning or torch.
+VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("seed", lambda v: _whole(v, 0, 2**32 - 1), "must be a whole number in [0, 4294967295]"),
+    ("trainer.max_epochs", _optional(lambda v: v == -1 or _whole(v, 1)),
+     "must be a whole number of epochs >= 1 (or -1: no epoch limit, with trainer.max_time or trainer.max_steps)"),
+    ("trainer.min_epochs", _optional(lambda v: _whole(v, 0)), "must be a whole number >= 0 or null"),
+    ("trainer.max_steps", lambda v: _whole(v, -1), "must be a whole number of steps >= 1 (or -1: no step limit)"),
+    ("trainer.min_steps", _optional(lambda v: _whole(v, 0)), "must be a whole number >= 0 or null"),
+    ("trainer.devices", _devices,
+     "must be auto, a number of devices >= 1, -1 (all), or a list of device indices such as [0,1]"),
+    ("trainer.num_nodes", lambda v: _whole(v, 1), "must be a whole number >= 1"),
+    ("trainer.accumulate_grad_batches", lambda v: _whole(v, 1), "must be a whole number >= 1"),
+    ("trainer.check_val_every_n_epoch", _optional(lambda v: _whole(v, 1)), "must be a whole number >= 1 or null"),
+    ("trainer.log_every_n_steps", _optional(lambda v: _whole(v, 1)), "must be a whole number >= 1"),
+    ("trainer.num_sanity_val_steps", _optional(lambda v: _whole(v, -1)), "must be a whole number >= 0 (-1: all)"),
+    ("trainer.gradient_clip_val", _optional(lambda v: _number(v, 0)), "must be a number >= 0 or null"),
+    *((f"trainer.limit_{s}_batches", _optional(lambda v: _whole(v, 0) or _number(v, 0, 1)),
+       "must be a fraction in [0, 1] of the batches, a whole number of batches, or null") for s in
+      ("train", "val", "test", "predict")),
+    ("data.batch_size", lambda v: _whole(v, 1), "must be a positive integer"),
+    ("data.eval_batch_size", _optional(lambda v: _whole(v, 1)), "must be a positive integer or null (= data.batch_size)"),
+    ("data.num_workers", _optional(lambda v: _whole(v, 0), "auto"), "must be auto or a whole number >= 0 (0: load in the main process)"),
+    ("data.image_size", _optional(lambda v: _whole(v, 8)), "must be an integer >= 8 (pixels of the square input) or null (the backbone's own)"),
+    ("data.crop_pct", _optional(lambda v: _number(v, 0, 1, open_lo=True)), "must be in (0, 1] or null"),
+    ("data.split_seed", lambda v: _whole(v, 0, 2**32 - 1), "must be a whole number in [0, 4294967295]"),
+    ("data.val_fraction", lambda v: _number(v, 0) and v < 1, "must be a number in [0, 1)"),
+    ("data.test_fraction", lambda v: _number(v, 0) and v < 1, "must be a number in [0, 1)"),
+    ("data.preload", _optional(lambda v: isinstance(v, bool), "auto"), "must be auto, true or false"),
+    ("data.pin_memory", _optional(lambda v: isinstance(v, bool), "auto"), "must be auto, true or false"),
+    ("data.preload_max_gb", lambda v: _number(v, 0), "must be a number of GB >= 0"),
+    ("data.validate", lambda v: isinstance(v, bool), _FLAG),
+    ("data.min_image_side", lambda v: _whole(v, 1), "must be a whole number of pixels >= 1"),
+    ("data.imbalance_ratio", lambda v: _number(v, 1), "must be a number >= 1"),
+    ("policy.cache", lambda v: isinstance(v, bool) or str(v).lower() in ("auto", "false", "off", "no"), "must be auto or false"),
+    ("policy.cache_views", lambda v: _whole(v, 0), "must be a whole number >= 0"),
+    ("policy.head_l2", lambda v: _number(v, 0), "must be a number >= 0"),
+    ("policy.lr_decay", lambda v: _number(v, 0, open_lo=True), "must be a number > 0 (LR multiplier per group)"),
+    ("policy.probe_epochs", lambda v: _whole(v, 0), "must be a whole number of epochs >= 0"),
+    ("policy.unfreeze_every", lambda v: _whole(v, 1), "must be a whole number of epochs >= 1"),
+    ("policy.stage", _optional(lambda v: _whole(v, 0), "auto"), "must be auto or a stage index >= 0"),
+    ("policy.top_stages", lambda v: _whole(v, 0), "must be a whole number of stages >= 0"),
+    ("policy.measure.max_per_class", lambda v: _whole(v, 1), "must be a whole number >= 1"),
+    ("policy.measure.max_images", lambda v: _whole(v, 1), "must be a whole number >= 1"),
+    ("policy.measure.folds", lambda v: _whole(v, 2), "must be a whole number >= 2"),
+    ("policy.measure.seed", lambda v: _whole(v, 0, 2**32 - 1), "must be a whole number in [0, 4294967295]"),
+    ("policy.measure.enabled", _optional(lambda v: isinstance(v, bool), "auto"), "must be auto, true or false"),
+    *((f"policy.{k}", lambda v: isinstance(v, bool), _FLAG) for k in ("frozen_bn_eval", "train_stages", "head_warm_start")),
+    ("ensemble.size", lambda v: _whole(v, 1), "must be a positive integer (1 = no ensemble)"),
+    ("ensemble.snapshots", lambda v: isinstance(v, bool), _FLAG),
+    ("report", lambda v: isinstance(v, bool), _FLAG),
+    ("tta", lambda v: v is None or OmegaConf.is_list(v) or isinstance(v, list),
+     "must be a list, e.g. tta=[hflip] or tta=[hflip,five_crop]"),
+    *((f"model.{k}", lambda v: isinstance(v, bool), _FLAG) for k in ("channels_last", "compile")),
+]
+
+
+def _validate_values(cfg: DictConfig) -> None:
+    """Each rule of VALUE_RULES whose key the config has."""
+    for key, check, requirement in VALUE_RULES:
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True, default=_ABSENT)
+        except OmegaConfBaseException as e:  # a bad ${...} interpolation the user wrote
+            raise FinetuneError(f"{key} could not be read: {str(e).splitlines()[0]}. Fix its ${{...}} reference "
+                                f"(`--cfg job` prints the config).") from None
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        if value is not _ABSENT and not check(value):
+            shown = "''" if value == "" else value
+            raise FinetuneError(f"{key}={shown} {requirement}.")
+    _check_precision(cfg.trainer.get("precision"))
+    _check_accelerator(cfg.trainer.get("accelerator"))
+
+
+_ABSENT = object()
+
+
+def _check_precision(precision: Any) -> None:
+    """Lightning's own list of precision values (the Trainer refuses anything else, but only once built)."""
+    from lightning.fabric.connector import _convert_precision_to_unified_args
+
+    try:
+        with warnings.catch_warnings():  # the Trainer repeats its own warnings (e.g. precision=16) when built
+            warnings.simplefilter("ignore")
+            _convert_precision_to_unified_args(precision)
+    except ValueError:
+        choices = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+        raise FinetuneError(
+            f"trainer.precision={precision} is not a precision Lightning knows; use one of {', '.join(choices)}."
+            f"{close_matches(str(precision), choices)}"
+        ) from None
+
+
+def _check_accelerator(accelerator: Any) -> None:
+    """A known accelerator that this machine has: `trainer=gpu` on a CPU-only machine fails here, not in fit."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry, CUDAAccelerator, MPSAccelerator
+
+    if accelerator is None or not isinstance(accelerator, str) or accelerator == "auto":
+        return
+    known = sorted({*AcceleratorRegistry.available_accelerators(), "gpu", "auto"})
+    if accelerator not in known:
+        raise FinetuneError(
+            f"trainer.accelerator={accelerator} is not an accelerator Lightning knows; use one of {', '.join(known)}."
+            f"{close_matches(accelerator, known)}"
+        )
+    if accelerator == "gpu":
+        available = CUDAAccelerator.is_available() or MPSAccelerator.is_available()
+    else:
+        available = AcceleratorRegistry.get(accelerator).is_available()
+    if not available:
+        raise FinetuneError(
+            f"trainer.accelerator={accelerator}: this machine has no such device (torch sees no "
+            f"{'GPU' if accelerator == 'gpu' else accelerator.upper()}). Train on the CPU with trainer=cpu "
+            f"(or trainer.accelerator=auto, which picks what is there)."
         )
 
 
@@ -59,6 +216,10 @@ def validate_train_config(cfg: DictConfig) -> None:
                 f"trainer.{key} is not an argument of lightning.pytorch.Trainer.{close_matches(str(key), trainer_args)} "
                 f"Remove it or use one of the Trainer's arguments."
             )
+    _validate_values(cfg)
+    from finetune.models.backbone import weight_source
+
+    weight_source(str(cfg.model.backbone), cfg.model.get("weights"))  # a missing weights file fails here, not later
     _check_monitor("monitor", cfg.monitor)
     if cfg.monitor_mode not in ("min", "max"):
         raise FinetuneError(f"monitor_mode={cfg.monitor_mode} must be min or max.")
@@ -71,12 +232,6 @@ def validate_train_config(cfg: DictConfig) -> None:
         _check_monitor("scheduler.monitor", cfg.scheduler.monitor)
     if cfg.policy.get("head_solver", "lbfgs") not in ("lbfgs", "optimizer"):
         raise FinetuneError(f"policy.head_solver={cfg.policy.head_solver} must be lbfgs or optimizer.")
-    for key in ("batch_size",):
-        if not (isinstance(cfg.data[key], int) and cfg.data[key] > 0):
-            raise FinetuneError(f"data.{key}={cfg.data[key]} must be a positive integer.")
-    for key in ("val_fraction", "test_fraction"):
-        if not 0 <= float(cfg.data[key]) < 1:
-            raise FinetuneError(f"data.{key}={cfg.data[key]} must be in [0, 1).")
     if float(cfg.data.val_fraction) + float(cfg.data.test_fraction) >= 1:
         raise FinetuneError("data.val_fraction + data.test_fraction must leave training images (sum < 1).")
     _validate_recipe(cfg)
@@ -97,6 +252,8 @@ def _validate_recipe(cfg: DictConfig) -> None:
     if not (isinstance(views, int) and views >= 0):
         raise FinetuneError(f"policy.cache_views={views} must be a whole number >= 0.")
     check_tta(cfg.get("tta"))
+    _check_optimizer(cfg.optimizer)
+    _check_call_arguments("scheduler", cfg.scheduler, skip=(*LIGHTNING_SCHEDULER_KEYS, *WARMUP_KEYS))
     optimizer = str(cfg.optimizer.get("_target_", ""))
     if optimizer.endswith("LBFGS"):
         if any(tag in str(cfg.trainer.precision) for tag in ("16",)):
@@ -132,6 +289,66 @@ def _validate_recipe(cfg: DictConfig) -> None:
             )
         if size > 1:
             raise FinetuneError("ensemble.snapshots=true and ensemble.size>1 together are not supported; choose one.")
+
+
+# Optimizer arguments that torch checks only when it builds the optimizer (in fit, after the data check and
+# the measurement), and that must not be negative.
+OPTIMIZER_NONNEGATIVE = ("weight_decay", "momentum", "dampening", "eps", "lr_decay", "alpha", "initial_accumulator_value")
+
+
+def _check_call_arguments(group: str, node: DictConfig, skip: tuple[str, ...] = ()) -> None:
+    """Every key of an optimizer/scheduler config must be an argument of its ``_target_``: ``+optimizer.lrr=0.1``
+    (Hydra's own hint for a typo) would otherwise reach torch as an unknown keyword, or be ignored unseen."""
+    target = node.get("_target_")
+    if not target:
+        return
+    try:
+        params = inspect.signature(pydoc.locate(str(target))).parameters
+    except (TypeError, ValueError):  # locate found nothing callable: the target itself is wrong
+        raise FinetuneError(f"{group}._target_={target} is not an importable class or function. "
+                            f"Choose one of the {group} config group (`{group}=NAME`) or fix the dotted path.") from None
+    names = [n for n in params if n not in ("params", "optimizer")]
+    for key in node:
+        if str(key).startswith("_") or key in skip:
+            continue
+        if key not in params:
+            if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                continue
+            raise FinetuneError(
+                f"{group}.{key} is not an argument of {target}.{close_matches(str(key), names)} Its arguments are "
+                f"{', '.join(names)}; remove {group}.{key} (with ~{group}.{key} if it came from a config)."
+            )
+        value, default = node[key], params[key].default
+        numeric = params[key].annotation in (int, float, "int", "float") or (
+            isinstance(default, (int, float)) and not isinstance(default, bool))
+        if numeric and not OmegaConf.is_config(value) and not _number(value, float("-inf")):  # torch checks
+            # ranges when it builds the optimizer, not types: a str would fail in the middle of fit
+            raise FinetuneError(f"{group}.{key}={value} must be a number ({target} takes a number for {key}).")
+
+
+def _check_optimizer(node: DictConfig) -> None:
+    """Keys, the LR (> 0: torch accepts 0, which trains nothing) and non-negative values, then torch's own checks
+    by building the optimizer on a dummy parameter, all before any data is read."""
+    import torch
+
+    _check_call_arguments("optimizer", node)
+    if "lr" in node and not _number(node.lr, 0, open_lo=True):
+        raise FinetuneError(f"optimizer.lr={node.lr} must be a number > 0, e.g. optimizer.lr=0.001.")
+    for key in OPTIMIZER_NONNEGATIVE:
+        if key in node and not _number(node[key], 0):
+            raise FinetuneError(f"optimizer.{key}={node[key]} must be a number >= 0.")
+    if not node.get("_target_"):
+        return
+    # Device-bound switches are checked by torch against the real parameters' device, in fit.
+    device_bound = {k: False if k != "foreach" else None for k in ("fused", "capturable", "foreach") if k in node}
+    try:
+        instantiate(node, **device_bound)([torch.nn.Parameter(torch.zeros(1))])
+    except (InstantiationException, ValueError, TypeError, RuntimeError) as e:
+        cause = e.__cause__ or e if isinstance(e, InstantiationException) else e
+        raise FinetuneError(
+            f"optimizer ({node._target_}) refuses its settings: {str(cause).splitlines()[0]}. "
+            f"Fix the optimizer.* value it names."
+        ) from None
 
 
 def instantiate_named(group: str, node: DictConfig | None) -> list[Any]:

@@ -16,7 +16,8 @@ class FinetuneError(Exception):
     exit_code = 2
 
 
-def close_matches(word: str, choices: Iterable[str], n: int = 5) -> str:
-    """'did you mean ...' text for an unknown name, or '' when nothing is close."""
-    matches = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
-    return f" Did you mean: {', '.join(matches)}?" if matches else ""
+def close_matches(word: str, choices: Iterable[str], n: int = 5, prefix: str = "") -> str:
+    """'did you mean ...' text for an unknown name, or '' when nothing is close (``prefix``: shown before each
+    match, e.g. the parent key ``optimizer.`` when matching ``lrr`` against that node's keys)."""
+    matches = difflib.get_close_matches(word, [str(c) for c in choices], n=n, cutoff=0.6)
+    return f" Did you mean: {', '.join(prefix + m for m in matches)}?" if matches else ""

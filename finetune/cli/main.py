@@ -5,6 +5,7 @@ A :class:`FinetuneError` becomes one paragraph on stderr and exit status 2, with
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import textwrap
@@ -13,9 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 import hydra
+from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, close_matches
 
 CONFIG_PATH = "../conf"
 
@@ -23,6 +26,12 @@ CONFIG_PATH = "../conf"
 # (.hydra/, main.log, DDP ranks' logs) go into that run folder too, not into a second one.
 if not OmegaConf.has_resolver("finetune_or"):
     OmegaConf.register_new_resolver("finetune_or", lambda value, default: value if value not in (None, "") else default)
+# train.yaml's `hydra.run.dir: ${finetune_hydra_dir:${run_dir},${resume},outputs/...}`: like finetune_or, and
+# `resume=RUN` (or RUN/checkpoints/x.ckpt) continues in RUN, so Hydra's files and main.log go there too.
+if not OmegaConf.has_resolver("finetune_hydra_dir"):
+    from finetune.run_files import hydra_run_dir
+
+    OmegaConf.register_new_resolver("finetune_hydra_dir", hydra_run_dir)
 
 
 def _quiet_library_logging() -> None:
@@ -36,20 +45,126 @@ def _quiet_library_logging() -> None:
     warnings.filterwarnings("ignore", message=r".*litlogger.*")
     # Frozen parts are put in eval mode on purpose (frozen BatchNorm statistics); the policy block says so.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # Lightning's "💡 Tip: ... try installing litlogger / litmodels" adverts, logged on every Trainer.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        if _no_adverts not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_no_adverts)
+
+
+def _no_adverts(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip:")
+
+
+def _lossless_text_output() -> None:
+    """(Issue 14, non-UTF-8 names) A file name that is not valid UTF-8 (Python's surrogate escapes), printed or
+    logged to a strict UTF-8 console or main.log, would fail inside logging ("--- Logging error ---" and a
+    traceback): such streams write it as a backslash escape instead. (Under C.UTF-8 Python writes the raw bytes.)"""
+    streams = [sys.stdout, sys.stderr, *(getattr(h, "stream", None) for h in logging.getLogger().handlers)]
+    for stream in streams:
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _exit_with(message: str, code: int = 2) -> None:
+    """The user-error paragraph on stderr, then exit ``code`` (no traceback)."""
+    text = textwrap.fill(message, width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+    print("\nerror: " + text, file=sys.stderr)
+    sys.exit(code)
+
+
+def _interrupted() -> None:
+    print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+    sys.exit(130)  # 128 + SIGINT, as shells report it
 
 
 def report_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     def wrapped(cfg: DictConfig) -> Any:
         _quiet_library_logging()
+        _lossless_text_output()
         try:
             return fn(cfg)
         except FinetuneError as e:
-            print("\nerror: " + textwrap.fill(str(e), width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False), file=sys.stderr)
-            sys.exit(e.exit_code)
+            _exit_with(str(e), e.exit_code)
+        except InterpolationResolutionError as e:  # a ${...} the user wrote (ours all resolve)
+            _exit_with(f"{e.full_key or 'a value'}: its ${{...}} interpolation could not be resolved: "
+                       f"{str(e).splitlines()[0]} Fix the reference (`--cfg job` prints the config).")
+        except KeyboardInterrupt:
+            _interrupted()
 
     return wrapped
 
 
+_TASK_CODE = report_errors(print).__code__  # the frame every task runs in (see _raised_in_task)
+
+
+def _raised_in_task(error: BaseException) -> bool:
+    """Whether ``error`` came out of a task (bugs in our code keep Hydra's report), not out of composing the config."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is _TASK_CODE:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _hydra_error_message(error: Exception) -> str:
+    """Hydra's composition errors as our paragraph: the key, close matches among the config's keys or group
+    options, and the fix (Hydra's own hint for a mistyped key is a '+', which adds a key nothing reads)."""
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, name = str(error.missing_cfg_file).rpartition("/")
+        options = list(error.options or [])
+        if group and options:
+            return (f"{group}={name} is not one of the {group} configs: {', '.join(options)}."
+                    f"{close_matches(name, options)}")
+        return f"{' '.join(str(error).split('Config search path')[0].split())} Check the config name."
+    if isinstance(error, OverrideParseException):
+        return (f"The override '{error.override}' could not be parsed: {error.message.splitlines()[0]}. Quote a value "
+                f"with spaces or special characters, e.g. 'data.root=\"my photos\"' (inside single quotes).")
+    cause = error.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        full_key = str(cause.full_key)
+        parent, _, leaf = full_key.rpartition(".")
+        node = cause.parent_node
+        keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
+        where = f"under {parent}" if parent else "at the top level"
+        return (f"{full_key} is not a key of the config ({where}).{close_matches(leaf, keys, prefix=parent + '.' if parent else '')} "
+                f"Check the spelling: `--cfg job` prints every key. (Hydra's hint '+{full_key}=...' would add a key "
+                f"that nothing reads.)")
+    return f"The command line could not be applied to the config: {' '.join(str(error).split())}"
+
+
+def _config_errors_exit_2(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Hydra's own errors (a mistyped key or group option, a malformed override) get our paragraph and exit 2.
+
+    ``@hydra.main`` reports them itself (message, exit 1) in ``hydra._internal.utils.run_and_report``, before our
+    task runs; that is the one hook there is, so it is wrapped for the duration of the command."""
+
+    @functools.wraps(main)
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        from hydra._internal import utils as hydra_utils
+
+        original = hydra_utils.run_and_report
+
+        def guarded(func: Callable[[], Any]) -> Any:
+            try:
+                return func()
+            except (CompactHydraException, OmegaConfBaseException) as e:
+                if _raised_in_task(e):
+                    raise
+                _exit_with(_hydra_error_message(e))
+            except KeyboardInterrupt:
+                _interrupted()
+
+        hydra_utils.run_and_report = lambda func: original(lambda: guarded(func))
+        try:
+            return main(*args, **kwargs)
+        finally:
+            hydra_utils.run_and_report = original
+
+    return entry
+
+
+@_config_errors_exit_2
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @report_errors
 def train_main(cfg: DictConfig) -> float | None:
@@ -64,6 +179,7 @@ def train_main(cfg: DictConfig) -> float | None:
     return float(value) if value is not None else None  # what Hydra sweepers optimise
 
 
+@_config_errors_exit_2
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 @report_errors
 def eval_main(cfg: DictConfig) -> None:
@@ -72,6 +188,7 @@ def eval_main(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
+@_config_errors_exit_2
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 @report_errors
 def predict_main(cfg: DictConfig) -> None:
@@ -80,6 +197,7 @@ def predict_main(cfg: DictConfig) -> None:
     predict(cfg)
 
 
+@_config_errors_exit_2
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @report_errors
 def advise_main(cfg: DictConfig) -> None:
@@ -88,6 +206,7 @@ def advise_main(cfg: DictConfig) -> None:
     advise(cfg)
 
 
+@_config_errors_exit_2
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="preview")
 @report_errors
 def preview_main(cfg: DictConfig) -> None:
@@ -96,6 +215,7 @@ def preview_main(cfg: DictConfig) -> None:
     preview(cfg)
 
 
+@_config_errors_exit_2
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 @report_errors
 def export_main(cfg: DictConfig) -> None:

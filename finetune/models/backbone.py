@@ -11,11 +11,15 @@ Weights (``model.weights``):
 from __future__ import annotations
 
 import logging
+import pickle
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
+from safetensors import SafetensorError
 from torch import nn
 
 from finetune.errors import FinetuneError, close_matches
@@ -62,7 +66,7 @@ def check_backbone_name(name: str, key: str = "model.backbone") -> None:
         )
 
 
-def _weight_source(name: str, weights: str | None) -> str:
+def weight_source(name: str, weights: str | None) -> str:
     weights = "none" if weights in (None, False, "") else str(weights)
     if weights == "auto":
         return "offline" if name.split(".")[0] == OFFLINE_ARCHITECTURE else "hub"
@@ -84,7 +88,7 @@ def load_pretrained(name: str, weights: str | None, **kwargs: Any) -> tuple[nn.M
     it is on the user's images; :func:`attach_head` replaces it afterwards.
     """
     check_backbone_name(name)
-    source = _weight_source(name, weights)
+    source = weight_source(name, weights)
     try:
         if source == "none":
             model = timm.create_model(name, pretrained=False, **kwargs)
@@ -102,6 +106,7 @@ def load_pretrained(name: str, weights: str | None, **kwargs: Any) -> tuple[nn.M
                 name, pretrained=True, num_classes=0,
                 pretrained_cfg_overlay={"file": str(Path(weights).expanduser())}, **kwargs,
             )
+            _check_weights_matched(model, name, weights)
         else:  # hub
             model = _create_from_hub(name, kwargs)
     except TypeError as e:
@@ -113,9 +118,42 @@ def load_pretrained(name: str, weights: str | None, **kwargs: Any) -> tuple[nn.M
                 f"The file must hold a state dict in timm's layout for this architecture."
             ) from None
         raise
+    # A file that is not weights at all (text, truncated, random bytes): torch's weights-only unpickler and
+    # safetensors raise almost anything (KeyError: 101 for a text file), so the path and the fix are said here.
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError, LookupError, struct.error,
+            SafetensorError, AttributeError) as e:  # AttributeError: a file holding one tensor, not a dict
+        if source != "file":
+            raise
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        raise FinetuneError(
+            f"model.weights={weights} could not be read as weights ({detail}). Pass a "
+            f"{'/'.join(LOCAL_WEIGHT_SUFFIXES)} file holding a state dict in timm's layout for {name}, "
+            f"or model.weights=auto|hub|offline|none."
+        ) from None
     label = {"file": f"file {weights}", "offline": "bundled offline ImageNet weights"}.get(source, source)
     log.info("Backbone %s (weights: %s)", name, label)
     return model, source, source in ("offline", "hub")
+
+
+def _check_weights_matched(model: nn.Module, name: str, weights: str) -> None:
+    """timm loads a file non-strictly once the classifier is dropped (num_classes=0), so a file whose keys are
+    all different (another toolkit's layout, a finetune .ckpt with its 'net.' prefix) would train from random
+    weights labelled 'file'. Refuse a file that supplies none of the backbone's tensors; warn when some are missing."""
+    from timm.models import load_state_dict
+
+    file_keys = set(load_state_dict(str(Path(weights).expanduser())))
+    model_keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    missing = [k for k in model_keys if k not in file_keys]
+    if len(missing) == len(model_keys):
+        raise FinetuneError(
+            f"model.weights={weights} holds none of {name}'s tensors by name (the file has e.g. "
+            f"{', '.join(sorted(file_keys)[:3]) or 'no tensors'}; {name} expects e.g. {', '.join(model_keys[:3])}). "
+            f"Pass weights saved in timm's layout for {name} (e.g. `torch.save(timm_model.state_dict(), path)`); "
+            f"a finetune checkpoint is used with finetune-eval / finetune-predict ckpt=..., not as model.weights."
+        )
+    if missing:
+        log.warning("model.weights=%s lacks %d of %d tensors of %s (e.g. %s): those keep their random initialisation.",
+                    weights, len(missing), len(model_keys), name, ", ".join(missing[:3]))
 
 
 # timm keyword -> the finetune key that sets it (so an error names what the user typed).

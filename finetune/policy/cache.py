@@ -14,6 +14,8 @@ import time
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -87,7 +89,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
         """The clean features plus ``augmented_views`` passes through the training transform."""
         base = self.images.datasets["train"]
         augmented = ImageListDataset(base.samples, train_transform(self.images.preprocessing, self.augment),
-                                     images=base.images, max_side=base.max_side)
+                                     images=base.images, max_side=base.max_side, on_bad_file=base.on_bad_file)
         loader = DataLoader(augmented, batch_size=self.images.eval_batch_size, num_workers=self.images.num_workers)
         feats, labels = [clean.tensors[0]], [clean.tensors[1]]
         for _ in range(self.augmented_views):
@@ -116,6 +118,21 @@ class CachedFeatureDataModule(L.LightningDataModule):
 
     def has_split(self, split: str) -> bool:
         return self.images.has_split(split)
+
+
+def lbfgs_head_note(cfg: DictConfig) -> str:
+    """What the full-batch L-BFGS head leaves out, for the log and policy.json: it sets its own step by line
+    search, so optimizer.* and scheduler.* are not used (a sweep over optimizer.lr would change nothing).
+    A warning when the command line set them, with the way to have them used."""
+    note = (f"; the head trains with full-batch L-BFGS, whose line search sets the step: optimizer.lr="
+            f"{cfg.optimizer.get('lr')} and the scheduler are not used (policy.head_solver=optimizer uses them)")
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    ignored = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in ("optimizer", "scheduler")]
+    if ignored:
+        log.warning("%s ignored: only the head trains, on cached features, with full-batch L-BFGS (its line search "
+                    "sets the step, so optimizer.* and scheduler.* do not apply). To train the head with them, "
+                    "add policy.head_solver=optimizer.", " ".join(ignored))
+    return note
 
 
 def head_lbfgs(head: nn.Module, max_iter: int) -> torch.optim.LBFGS:
@@ -148,7 +165,8 @@ def warm_start_head(net: nn.Module, images: ImageDataModule, l2: float) -> float
     before fine-tuning, so early updates do not push random-head gradients into the backbone."""
     images.setup("fit")
     train = images.datasets["train"]
-    plain = ImageListDataset(train.samples, eval_transform(images.preprocessing), train.images, train.max_side)
+    plain = ImageListDataset(train.samples, eval_transform(images.preprocessing), train.images, train.max_side,
+                             on_bad_file=train.on_bad_file)
     started = time.perf_counter()
     features, labels = pooled_features(net, DataLoader(plain, batch_size=images.eval_batch_size))
     loss = fit_head_lbfgs(net.get_classifier(), features, labels, l2)
