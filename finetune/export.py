@@ -4,24 +4,32 @@ The exported model includes the preprocessing, so a deployment only feeds pixels
 ``[N, 3, H, W]`` RGB at the trained size, ``uint8`` in 0..255 (default) or ``float32`` in 0..1;
 output: class probabilities. The classes and preprocessing travel inside the file (ONNX metadata,
 TorchScript extra files), and the ONNX file is checked against torch with onnxruntime on export.
+The file is serialised in memory and checked there; only a model that passed is written (temp file +
+rename), and never over the checkpoint or an existing file without overwrite=true.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, close_matches
 from finetune.models.checkpoint import LoadedCheckpoint, load_classifier
+from finetune.run_files import check_output, write_output
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
 INPUT_DTYPES = ("uint8", "float32")
+# File name endings that say which format a file holds: a mismatch is a mistyped command, not a choice.
+SUFFIX_FORMAT = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript",
+                 ".torchscript": "torchscript", ".jit": "torchscript"}
 
 
 class DeployedClassifier(nn.Module):
@@ -65,11 +73,40 @@ def sample_inputs(loaded: LoadedCheckpoint, images: list[Any], dtype: str) -> to
     return batch if dtype == "uint8" else batch.float() / 255.0
 
 
-def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_images: list[Any] | None = None) -> dict[str, Any]:
+def check_export_output(output: Any, fmt: str, ckpt: Any, overwrite: bool = False,
+                        inputs: list[tuple[str, str]] | None = None) -> Path:
+    """check_output's rules (the checkpoint is never replaced), and the output's name fits the format."""
+    path = check_output(output, [("the checkpoint being read", str(ckpt)), *(inputs or [])], overwrite)
+    suffix = path.suffix.lower()
+    if suffix == ".ckpt":
+        raise FinetuneError(f"output={output} names a checkpoint file; an exported model is not one: name it "
+                            f"{'model.onnx' if fmt == 'onnx' else 'model.pt'}.")
+    if SUFFIX_FORMAT.get(suffix, fmt) != fmt:
+        raise FinetuneError(f"output={output} names a {SUFFIX_FORMAT[suffix]} file but format={fmt}: pass "
+                            f"format={SUFFIX_FORMAT[suffix]}, or name the file model.{'onnx' if fmt == 'onnx' else 'pt'}.")
+    return path
+
+
+def _one_checkpoint(ckpt: Any) -> str:
+    """``ckpt`` as one file: a run folder means the checkpoint it scored (as finetune-predict reads it)."""
+    from finetune.inference import resolve_members
+
+    members = resolve_members(ckpt)
+    if len(members) > 1:
+        raise FinetuneError(f"ckpt={ckpt} is an ensemble of {len(members)} checkpoints; an exported model is one "
+                            f"network: pass one of them, e.g. ckpt={members[0]}.")
+    return members[0]
+
+
+def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_images: list[Any] | None = None,
+           overwrite: bool = False) -> dict[str, Any]:
+    fmt, dtype = str(fmt).lower(), str(dtype).lower()
     if fmt not in FORMATS:
-        raise FinetuneError(f"format={fmt} is not one of {', '.join(FORMATS)}.")
+        raise FinetuneError(f"format={fmt} is not one of {', '.join(FORMATS)}.{close_matches(str(fmt), FORMATS)}")
     if dtype not in INPUT_DTYPES:
         raise FinetuneError(f"input_dtype={dtype} is not one of {', '.join(INPUT_DTYPES)}.")
+    ckpt = _one_checkpoint(ckpt)
+    output = check_export_output(output, fmt, ckpt, overwrite)
     loaded = load_classifier(ckpt)
     model = DeployedClassifier(loaded.module.net.eval(), loaded.preprocessing.mean, loaded.preprocessing.std, dtype == "uint8").eval()
     size = loaded.preprocessing.image_size
@@ -79,17 +116,17 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
         example = example if dtype == "uint8" else example.float() / 255.0
     else:
         example = sample_inputs(loaded, check_images, dtype)
-    output = Path(output).expanduser()
-    output.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(loaded, dtype)
     with torch.no_grad():
         expected = model(example)
-    tmp = output.with_name(output.name + ".tmp")
     if fmt == "torchscript":
-        scripted = torch.jit.trace(model, example[:1])
-        torch.jit.save(scripted, str(tmp), _extra_files={k: v.encode() for k, v in meta.items()})
-        tmp.replace(output)
-        got = torch.jit.load(str(output))(example)
+        with warnings.catch_warnings():  # torch's deprecation notices on every jit call: the user chose TorchScript
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
+            scripted = torch.jit.trace(model, example[:1])
+            buffer = io.BytesIO()
+            torch.jit.save(scripted, buffer, _extra_files={k: v.encode() for k, v in meta.items()})
+            data = buffer.getvalue()
+            got = torch.jit.load(io.BytesIO(data))(example)
     else:
         try:
             import onnx
@@ -97,44 +134,59 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
         except ModuleNotFoundError as e:
             raise FinetuneError(f"format=onnx needs the package '{e.name}': `pip install finetune[export]` "
                                 f"(onnx, onnxruntime, onnxscript), or use format=torchscript.") from None
-        torch.onnx.export(model, (example[:1],), str(tmp), input_names=["images"], output_names=["probabilities"],
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (example[:1],), buffer, input_names=["images"], output_names=["probabilities"],
                           dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17,
                           dynamo=False)
-        proto = onnx.load(str(tmp))
+        proto = onnx.load_from_string(buffer.getvalue())
         for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
-        onnx.save(proto, str(tmp))
-        tmp.replace(output)
-        got = torch.from_numpy(run_onnx(output, example.numpy()))
+        data = proto.SerializeToString()
+        got = torch.from_numpy(run_onnx(data, example.numpy()))
     diff = float((got.detach() - expected).abs().max())
-    result = {"output": str(output), "format": fmt, "input_dtype": dtype, "input_shape": ["N", 3, size, size],
-              "classes": loaded.classes, "max_abs_diff_vs_torch": diff, "checked_on": len(example)}
     if diff > 1e-4:
         raise FinetuneError(f"the exported {fmt} model differs from torch by {diff:.2e} (> 1e-4) on {len(example)} images; "
-                            f"the file {output} should not be used. Please report this with the backbone name.")
-    return result
+                            f"nothing was written to output={output}. Please report this with the backbone name.")
+    write_output(output, data)
+    return {"output": str(output), "format": fmt, "input_dtype": dtype, "input_shape": ["N", 3, size, size],
+            "classes": loaded.classes, "max_abs_diff_vs_torch": diff, "checked_on": len(example)}
 
 
-def run_onnx(path: str | Path, images) -> Any:
+def run_onnx(model: str | Path | bytes, images) -> Any:
+    """Run an ONNX model (a file, or its bytes) with onnxruntime on the CPU."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"])
     return session.run(None, {"images": images})[0]
 
 
 def run_export(cfg) -> dict[str, Any]:
     """CLI: ``finetune-export ckpt=... format=onnx|torchscript output=... [input_dtype=uint8|float32]``;
-    the parity check runs on images from ``check_images`` (a folder or file) when given."""
+    the parity check runs on images from ``check_images`` (a folder or file) when given. The output is
+    checked before anything is loaded."""
+    if not cfg.get("output"):
+        raise FinetuneError("output is not set: pass output=model.onnx (or model.pt for torchscript).")
     images = None
     if cfg.get("check_images"):
         from finetune.data.datasets import scan_inputs
-        from finetune.data.images import load_image
+        from finetune.data.images import BadImageError, load_image
 
-        images = [load_image(p) for p in scan_inputs(cfg.check_images)[:16]]
-    if not cfg.get("output"):
-        raise FinetuneError("output is not set: pass output=model.onnx (or model.pt for torchscript).")
-    result = export(cfg.ckpt, str(cfg.format), cfg.output, str(cfg.input_dtype), images)
+        paths = scan_inputs(cfg.check_images, key="check_images")
+        reads = [("the check_images input", str(cfg.check_images))] + [("a check_images image", p) for p in paths]
+        if str(cfg.format).lower() in FORMATS:  # else export() says what the formats are
+            check_export_output(cfg.output, str(cfg.format).lower(), _one_checkpoint(cfg.ckpt), bool(cfg.get("overwrite")),
+                                reads)
+        images = []
+        for path in paths:  # up to 16 readable ones; an unreadable file is not worth stopping the export for
+            try:
+                images.append(load_image(path))
+            except BadImageError as e:
+                log.warning("check_images: skipped %s", e)
+            if len(images) == 16:
+                break
+        images = images or None
+    result = export(cfg.ckpt, str(cfg.format), cfg.output, str(cfg.input_dtype), images, bool(cfg.get("overwrite")))
     print(f"Exported {result['format']} -> {result['output']} (input {result['input_dtype']} {result['input_shape']}, "
           f"{len(result['classes'])} classes); max |difference| vs torch on {result['checked_on']} images: "
           f"{result['max_abs_diff_vs_torch']:.2e}")

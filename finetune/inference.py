@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 
 from finetune.config import resolve_run_dir
 from finetune.data.datamodule import ImageListDataset, decode_side
-from finetune.data.datasets import DatasetIndex, scan_dataset, scan_inputs
+from finetune.data.datasets import IMAGE_EXTENSIONS, DatasetIndex, scan_dataset, scan_inputs
+from finetune.data.images import BadImageError
 from finetune.data.transforms import eval_transform
 from finetune.errors import FinetuneError, close_matches
 from finetune.models.checkpoint import LoadedCheckpoint, load_classifier, read_checkpoint
-from finetune.run_files import write_json, write_text
+from finetune.run_files import check_output, readable, write_output
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ TTA_VIEWS = ("hflip", "vflip", "five_crop")
 
 
 def check_tta(tta: Any, key: str = "tta") -> list[str]:
-    views = [str(v) for v in (tta or [])]
+    """The views as a list; ``tta=hflip`` (one name, no brackets) is read as ``tta=[hflip]``."""
+    views = [str(tta)] if isinstance(tta, str) and tta else [str(v) for v in (tta or [])]
     for view in views:
         if view not in TTA_VIEWS:
             raise FinetuneError(f"{key}: '{view}' is not a test-time view; choose from {', '.join(TTA_VIEWS)}.{close_matches(view, TTA_VIEWS)}")
@@ -110,22 +112,84 @@ def device_for(accelerator: str) -> torch.device:
     return torch.device("cuda" if use_cuda else "cpu")
 
 
+class _SkippingImages(ImageListDataset):
+    """(image, index, error): a file that cannot be decoded gives a blank image and its error instead of
+    stopping the pass, so one bad file among thousands costs only its own row."""
+
+    def __init__(self, *args: Any, image_size: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.image_size = image_size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:  # type: ignore[override]
+        try:
+            return super().__getitem__(i)[0], i, ""
+        except BadImageError as e:
+            return torch.zeros(3, self.image_size, self.image_size), i, str(e) or "unreadable"
+
+
 def member_probabilities(members: Sequence[LoadedCheckpoint], samples: Sequence[tuple[str, int]], tta: Sequence[str],
-                         batch_size: int, device: torch.device, num_workers: int = 0) -> torch.Tensor:
-    """Softmax probabilities [members, images, classes], each averaged over the TTA views."""
+                         batch_size: int, device: torch.device, num_workers: int = 0,
+                         skipped: dict[str, str] | None = None) -> torch.Tensor:
+    """Softmax probabilities [members, images, classes], each averaged over the TTA views.
+
+    With ``skipped`` (a dict), unreadable images do not stop the pass: their rows are meaningless and
+    ``skipped`` maps each one's path to why (as training's data check words it)."""
     pp = members[0].preprocessing
-    loader = DataLoader(ImageListDataset(samples, eval_transform(pp), max_side=decode_side(pp)),
-                        batch_size=batch_size, num_workers=num_workers)
+    if skipped is None:
+        dataset = ImageListDataset(samples, eval_transform(pp), max_side=decode_side(pp))
+    else:
+        dataset = _SkippingImages(samples, eval_transform(pp), max_side=decode_side(pp), image_size=pp.image_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     per_member = []
     for member in members:
         module = member.module.to(device).eval()
         chunks = []
         with torch.inference_mode():
-            for images, _ in loader:
+            for images, *rest in loader:
+                if skipped is not None:
+                    for i, error in zip(rest[0].tolist(), rest[1]):
+                        if error and samples[i][0] not in skipped:
+                            skipped[samples[i][0]] = _why_unreadable(samples[i][0], error)
                 views = tta_batches(images.to(device), tta)
                 chunks.append(torch.stack([module(v).softmax(dim=-1) for v in views]).mean(0).cpu())
         per_member.append(torch.cat(chunks))
     return torch.stack(per_member)
+
+
+def _why_unreadable(path: str, error: str) -> str:
+    """'kind: detail' as training's data check reports it (zero_byte, not_image, truncated, corrupt)."""
+    from finetune.data.validate import check_file
+
+    result = check_file(path)
+    return f"{result['kind']}: {result.get('detail', '')}" if result.get("kind") else error
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FinetuneError(f"{key}={value} must be a positive integer.")
+    return value
+
+
+def _checked_device(accelerator: Any) -> torch.device:
+    """device_for, refusing what it would otherwise quietly replace by the CPU."""
+    name = str(accelerator)
+    if name not in ("auto", "cpu", "cuda", "gpu"):
+        raise FinetuneError(f"accelerator={name} is not one of auto, cpu, cuda, gpu.{close_matches(name, ('auto', 'cpu', 'cuda', 'gpu'))}")
+    if name in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise FinetuneError(f"accelerator={name}, but torch sees no CUDA GPU here; use accelerator=cpu (or auto).")
+    return device_for(name)
+
+
+def _checkpoint_inputs(ckpt: Any, members: Sequence[str]) -> list[tuple[str, str]]:
+    """The files a command reads for ``ckpt``: each member, and a run folder's ensemble/metrics records."""
+    items = list(ckpt) if isinstance(ckpt, (list, tuple, ListConfig)) else [ckpt]
+    reads = [("the checkpoint being read", m) for m in members]
+    for item in items:
+        folder = Path(str(item)).expanduser()
+        if folder.is_dir():
+            reads += [("the checkpoint's run folder", str(folder))]
+            reads += [(f"the run's {name}", str(folder / name)) for name in (ENSEMBLE_FILE, "metrics.json")]
+    return reads
 
 
 def score_probabilities(probs: torch.Tensor, labels: Sequence[int]) -> dict[str, Any]:
@@ -156,15 +220,35 @@ def _split_samples(index: DatasetIndex, split: str, classes: list[str], root: An
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Accuracy and loss of ``cfg.ckpt`` (one checkpoint, or an ensemble averaged) on ``cfg.data.root``,
-    with optional test-time augmentation; written to RUN/eval_metrics.json."""
+    with optional test-time augmentation; written to RUN/eval_metrics.json. Unreadable images are left
+    out of the scores and listed under "skipped"."""
     tta = check_tta(cfg.get("tta"))
+    batch_size = _positive_int(cfg.data.batch_size, "data.batch_size")
+    if isinstance(cfg.data.num_workers, bool) or not isinstance(cfg.data.num_workers, int) or cfg.data.num_workers < 0:
+        raise FinetuneError(f"data.num_workers={cfg.data.num_workers} must be 0 (load in this process) or a positive integer.")
+    device = _checked_device(cfg.accelerator)
+    # The run folder first (it is created here): a bad run_dir fails before the checkpoint is loaded.
+    try:
+        run_dir = resolve_run_dir(cfg)
+    except OSError as e:
+        raise FinetuneError(f"run_dir={cfg.get('run_dir')} cannot be created: {e.strerror or e} ({e.filename}). "
+                            f"Choose another run_dir.") from None
+    output = check_output(run_dir / "eval_metrics.json", _checkpoint_inputs(cfg.ckpt, resolve_members(cfg.ckpt)),
+                          overwrite=True, key="run_dir")
     members = load_members(cfg.ckpt)
     # One class is fine here: scoring a checkpoint on a folder of a single class is a real use.
     index = scan_dataset(cfg.data.root, val_fraction=0.0, test_fraction=0.0, min_classes=1)
     split = _split_to_score(index, cfg.split)
     samples = _split_samples(index, split, members[0].classes, cfg.data.root)
-    probs = member_probabilities(members, samples, tta, cfg.data.batch_size, device_for(cfg.accelerator),
-                                 cfg.data.num_workers)
+    skipped: dict[str, str] = {}
+    probs = member_probabilities(members, samples, tta, batch_size, device, cfg.data.num_workers, skipped=skipped)
+    if skipped:
+        _report_skipped(skipped, f"data.root={cfg.data.root}", len(samples))
+        if len(skipped) == len(samples):
+            raise FinetuneError(f"none of the {len(samples)} images of data.root={cfg.data.root} ({split}) could be "
+                                f"read (e.g. {': '.join(next(iter(skipped.items())))}); nothing was scored.")
+        keep = [i for i, (path, _) in enumerate(samples) if path not in skipped]
+        probs, samples = probs[:, keep], [samples[i] for i in keep]
     scores = score_probabilities(probs, [label for _, label in samples])
     metrics = {
         "ckpt": [str(Path(m.path).resolve()) for m in members] if len(members) > 1 else str(Path(members[0].path).resolve()),
@@ -173,9 +257,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "images": len(samples),
         "tta": tta,
         **scores,
+        "skipped": [{"path": path, "error": why} for path, why in skipped.items()],
     }
-    run_dir = resolve_run_dir(cfg)
-    write_json(run_dir / "eval_metrics.json", metrics)
+    write_output(output, json.dumps(metrics, indent=2) + "\n", key="run_dir")
     what = f"ensemble of {len(members)}" if len(members) > 1 else "checkpoint"
     extra = f" (members {', '.join(f'{a:.4f}' for a in scores['member_acc'])})" if len(members) > 1 else ""
     print(f"Accuracy {metrics['acc']:.4f}, loss {metrics['loss']:.4f} on {len(samples)} images "
@@ -184,27 +268,64 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _scan_input_list(value: Any) -> tuple[list[str], list[tuple[str, str]]]:
+    """Images under ``input`` (a file, a folder, or a list of them; each image once, in order), and the
+    (description, path) pairs an output must never replace."""
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not items or any(item in (None, "", "???") for item in items):
+        raise FinetuneError("input is not set: pass input=IMAGE_OR_FOLDER, or a list: input=[a.jpg,b.jpg,DIR].")
+    paths = list(dict.fromkeys(p for item in items for p in scan_inputs(item)))
+    reads = [("the input " + ("folder" if Path(str(i)).expanduser().is_dir() else "image"), str(i)) for i in items]
+    return paths, reads + [("an input image", p) for p in paths]
+
+
 def predict(cfg: DictConfig) -> Path:
     """Top-k labels and probabilities for every image under ``cfg.input``, as a CSV (an ensemble's
-    and the TTA views' probabilities averaged)."""
+    and the TTA views' probabilities averaged). An unreadable image gets a row with an empty label and
+    its ``error``, and is listed on the console; the rest are predicted. Everything that can be checked
+    without the model (options, inputs, the output's location) is checked before it is loaded."""
     tta = check_tta(cfg.get("tta"))
+    topk = _positive_int(cfg.topk, "topk")
+    batch_size = _positive_int(cfg.batch_size, "batch_size")
+    device = _checked_device(cfg.accelerator)
+    paths, reads = _scan_input_list(cfg.input)
+    output = check_output(cfg.output, _checkpoint_inputs(cfg.ckpt, resolve_members(cfg.ckpt)) + reads,
+                          overwrite=bool(cfg.get("overwrite")))
+    if output.suffix.lower() in IMAGE_EXTENSIONS | {".ckpt"}:
+        raise FinetuneError(f"output={cfg.output} names an image or checkpoint file, but predictions are a CSV "
+                            f"file; name it e.g. output=predictions.csv.")
     members = load_members(cfg.ckpt)
     classes = members[0].classes
-    paths = scan_inputs(cfg.input)
-    if not (isinstance(cfg.topk, int) and cfg.topk >= 1):
-        raise FinetuneError(f"topk={cfg.topk} must be a positive integer.")
-    k = min(cfg.topk, len(classes))
-    probs = member_probabilities(members, [(p, -1) for p in paths], tta, cfg.batch_size, device_for(cfg.accelerator)).mean(0)
+    k = min(topk, len(classes))
+    skipped: dict[str, str] = {}
+    probs = member_probabilities(members, [(p, -1) for p in paths], tta, batch_size, device, skipped=skipped).mean(0)
+    if len(skipped) == len(paths):
+        first = next(iter(skipped.items()))
+        raise FinetuneError(f"none of the {len(paths)} images under input={cfg.input} could be read (e.g. {first[0]}: "
+                            f"{first[1]}); nothing was written. Check that input= points at your images.")
     header = ["path", "label", "probability"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("label", "prob")]
-    rows = [header]
+    rows = [header + ["error"]]
     top = probs.topk(k, dim=-1)
     for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
+        if path in skipped:
+            rows.append([path] + [""] * (len(header) - 1) + [skipped[path]])
+            continue
         ranked = [x for i, v in zip(indices, values) for x in (classes[i], f"{v:.6f}")]
-        rows.append([path, ranked[0], ranked[1], *ranked])
-    output = Path(cfg.output).expanduser()
-    write_text(output, _to_csv(rows))
-    print(f"Predicted {len(paths)} image(s) -> {output.resolve()}")
+        rows.append([path, ranked[0], ranked[1], *ranked, ""])
+    write_output(output, _to_csv(rows))
+    if skipped:
+        _report_skipped(skipped, f"input={cfg.input}", len(paths))
+    print(f"Predicted {len(paths) - len(skipped)} image(s) -> {output.resolve()}"
+          f"{f' ({len(skipped)} unreadable, listed with their error)' if skipped else ''}")
     return output
+
+
+def _report_skipped(skipped: dict[str, str], where: str, total: int, show: int = 20) -> None:
+    """Printed (not only logged) so it is seen next to the result line whatever the logging setup."""
+    lines = [f"  {path}: {why}" for path, why in list(skipped.items())[:show]]
+    more = [f"  ... and {len(skipped) - show} more"] if len(skipped) > show else []
+    print(readable("\n".join([f"Skipped {len(skipped)} of {total} image(s) under {where} that could not be read:",
+                               *lines, *more])))
 
 
 def _to_csv(rows: list[list[Any]]) -> str:

@@ -15,9 +15,10 @@ import torch
 
 from finetune.data.datamodule import decode_side
 from finetune.data.datasets import DatasetIndex
-from finetune.data.images import load_image
+from finetune.data.images import BadImageError, load_image
 from finetune.data.mixing import build_batch_mixer
 from finetune.data.transforms import Preprocessing, eval_transform, train_transform
+from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,32 @@ def write_preview(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, 
     return Path(path)
 
 
+def write_preview_or_warn(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, Any] | None, path: str | Path,
+                          seed: int = 0) -> Path | None:
+    """The training run's preview: it only illustrates, so a failure is a warning, never a stopped run."""
+    try:
+        return write_preview(index, pp, augment, path, seed=seed)
+    except Exception as e:  # noqa: BLE001 - an odd image or a plotting bug must not cost the training run
+        log.warning("The augmentation preview could not be drawn (%s: %s); %s was not written. Training goes on.",
+                    type(e).__name__, e, path)
+        return None
+
+
 def _draw_grid(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, Any] | None, rows: int, draws: int,
                seed: int) -> list[list[tuple[np.ndarray, str]]]:
-    samples = _pick(index, rows, seed)
     evaluate, augmented = eval_transform(pp), train_transform(pp, augment, seed=seed)
     mixer = build_batch_mixer(augment, len(index.classes))
     grid: list[list[tuple[np.ndarray, str]]] = []
-    first_draws = []
-    for path_, label in samples:
-        image = load_image(path_, decode_side(pp))
+    first_draws, samples, skipped = [], [], []
+    for path_, label in _pick(index, len(index.splits["train"]), seed):  # all, in order: a bad file's turn passes on
+        if len(samples) == rows:
+            break
+        try:
+            image = load_image(path_, decode_side(pp))
+        except BadImageError as e:  # as training does (data.on_bad_file=skip): the preview shows the next image
+            skipped.append(str(e))
+            continue
+        samples.append((path_, label))
         row = [(_to_image(evaluate(image=image)["image"], pp), f"{index.classes[label]}\n(evaluation)")]
         for d in range(draws):
             x = augmented(image=image)["image"]
@@ -74,6 +92,10 @@ def _draw_grid(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, Any
                 first_draws.append(x)
             row.append((_to_image(x, pp), f"draw {d + 1}"))
         grid.append(row)
+    if skipped:
+        log.warning("Preview: skipped %d image(s) that could not be read: %s", len(skipped), "; ".join(skipped[:5]))
+    if not grid:
+        raise FinetuneError(f"None of the {len(skipped)} training images could be read for the preview: {skipped[0]}")
     if mixer is not None and len(first_draws) > 1:
         mixed, soft = mixer(torch.stack(first_draws), torch.tensor([label for _, label in samples]))
         for row, x, weights in zip(grid, mixed, soft):
@@ -120,6 +142,17 @@ def _describe(augment: Mapping[str, Any] | None) -> Sequence[str]:
     return parts
 
 
+def preview_path(cfg) -> Path:
+    """``output``; a relative one is inside the Hydra run dir (``hydra.run.dir``, the working directory
+    unless set), as every command's files are. Library calls without Hydra: the working directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(str(cfg.output)).expanduser()
+    if not out.is_absolute() and HydraConfig.initialized():
+        out = Path(HydraConfig.get().runtime.output_dir) / out
+    return out
+
+
 def preview(cfg) -> Path:
     """``finetune-preview``: the grid for ``data.root`` and ``augment``, without any training."""
     from omegaconf import OmegaConf
@@ -134,7 +167,7 @@ def preview(cfg) -> Path:
     model = timm.create_model(cfg.model.backbone, pretrained=False)  # its pretrained config only: size, mean, std
     pp = resolve_preprocessing(model, cfg.data)
     index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
-    out = write_preview(index, pp, OmegaConf.to_container(cfg.augment, resolve=True), Path(cfg.output).expanduser(),
+    out = write_preview(index, pp, OmegaConf.to_container(cfg.augment, resolve=True), preview_path(cfg),
                         rows=int(cfg.rows), draws=int(cfg.draws), seed=int(cfg.seed))
     print(f"Preview of {len(index.splits['train'])} training images' pipeline -> {out.resolve()}")
     return out

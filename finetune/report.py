@@ -12,7 +12,8 @@ import base64
 import csv
 import html
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,9 @@ def plot_curves(series: dict[str, list[tuple[int, float]]], path: Path, reductio
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (title, keys) in zip(axes, (("loss", ("train/loss_epoch", "val/loss")), ("accuracy", ("train/acc", "val/acc")))):
+    panels = (("loss", ("train/loss_epoch", "val/loss", "train_eval/loss")),
+              ("accuracy", ("train/acc", "val/acc", "train_eval/acc")))
+    for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             if key in series:
                 xs, ys = zip(*series[key])
@@ -223,18 +226,37 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
 # ----------------------------------------------------------------------------- the report
 
 
+@contextmanager
+def _section(what: str, blocks: list[Block], problems: list[str]) -> Iterator[None]:
+    """A figure that fails (a plotting bug, an odd image) leaves a note in the report, not a failed run."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - any failure of one figure: the rest of the report still counts
+        log.warning("Report: the %s could not be drawn (%s: %s); the report is written without it.",
+                    what, type(e).__name__, e)
+        problems.append(f"{what}: {type(e).__name__}: {e}")
+        blocks.append(("p", f"The {what} could not be drawn ({type(e).__name__}: {e})."))
+
+
 def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[str, Any], cfg: Any,
-                 policy_block: str, split_probs: dict[str, np.ndarray], preprocessing) -> dict[str, Path]:
-    """Write report.md, report.html and their PNGs into ``run_dir``; returns the written files."""
+                 policy_block: str, split_probs: dict[str, np.ndarray], preprocessing) -> dict[str, Any]:
+    """Write report.md, report.html and their PNGs into ``run_dir``; returns the written files, and
+    under "problems" the figures that could not be drawn (the report is written without them)."""
     classes = index.classes
-    files: dict[str, Path] = {}
+    files: dict[str, Any] = {}
+    problems: list[str] = []
     blocks: list[Block] = [("h", f"finetune run: {Path(run_dir).name}", 1)]
-    summary = [[k, _fmt(metrics[k])] for k in ("val/acc", "val/loss", "test/acc", "test/loss", "epochs", "fit_seconds")
-               if k in metrics]
+    summary = [[k, _fmt(metrics[k])] for k in ("val/acc", "val/loss", "train_eval/acc", "train_eval/loss", "test/acc",
+                                                "test/loss", "epochs", "fit_seconds") if k in metrics]
     intro = (f"Backbone {cfg.model.backbone} ({metrics.get('weights')} weights), policy {metrics.get('policy')}, "
              f"run folder {run_dir}.")
     if metrics.get("checkpoint_choice"):
         intro += f" Scores are those of {metrics['checkpoint_choice']}."
+    if str(metrics.get("validation", "")).startswith("none"):
+        note = (f"NO VALIDATION SPLIT ({metrics['validation']}). The train_eval/* scores are on the images the "
+                "model trained on and say nothing about new images; no epoch was picked by them (no best.ckpt, no "
+                "early stopping). Set data.val_fraction or add a val folder to measure the model.")
+        blocks.append(("p", note))
     blocks += [("p", intro), ("table", ["metric", "value"], summary)]
 
     blocks += [("h", "Dataset"), ("p", index.summary())]
@@ -271,36 +293,43 @@ def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[
     else:
         blocks.append(("p", "No plateau LR reductions."))
 
-    curves = plot_curves(read_curves(Path(run_dir) / "logs" / "metrics.csv"), Path(run_dir) / "learning_curves.png", reductions)
-    if curves:
-        files["learning_curves"] = curves
-        blocks += [("h", "Learning curves"), ("img", curves, "learning curves")]
+    with _section("learning curves", blocks, problems):
+        curves = plot_curves(read_curves(Path(run_dir) / "logs" / "metrics.csv"), Path(run_dir) / "learning_curves.png",
+                             reductions)
+        if curves:
+            files["learning_curves"] = curves
+            blocks += [("h", "Learning curves"), ("img", curves, "learning curves")]
 
     split = "test" if "test" in split_probs else "val"
     which = Path(str(metrics.get("scored_checkpoint") or "final weights")).stem.replace("_", " ")
     if split in split_probs:
-        samples = index.splits[split]
-        scores = per_class_scores(split_probs[split], [y for _, y in samples], classes)
-        files["confusion_matrix"] = plot_confusion(scores["confusion"], classes, Path(run_dir) / "confusion_matrix.png",
-                                                   f"{split} split, {which} checkpoint (accuracy {scores['accuracy']:.4f})")
-        blocks += [("h", f"Per-class results ({split} split, {which} checkpoint)"),
-                   ("img", files["confusion_matrix"], "confusion matrix"),
-                   ("table", ["class", "precision", "recall", "F1", "support"],
-                    [[c, float(scores["precision"][i]), float(scores["recall"][i]), float(scores["f1"][i]), int(scores["support"][i])]
-                     for i, c in enumerate(classes)])]
+        with _section("confusion matrix and per-class results", blocks, problems):
+            samples = index.splits[split]
+            scores = per_class_scores(split_probs[split], [y for _, y in samples], classes)
+            title = f"{split} split, {which} checkpoint (accuracy {scores['accuracy']:.4f})"
+            files["confusion_matrix"] = plot_confusion(scores["confusion"], classes,
+                                                       Path(run_dir) / "confusion_matrix.png", title)
+            blocks += [("h", f"Per-class results ({split} split, {which} checkpoint)"),
+                       ("img", files["confusion_matrix"], "confusion matrix"),
+                       ("table", ["class", "precision", "recall", "F1", "support"],
+                        [[c, float(scores["precision"][i]), float(scores["recall"][i]), float(scores["f1"][i]),
+                          int(scores["support"][i])] for i, c in enumerate(classes)])]
     if "val" in split_probs:
-        wrong_png, rows = plot_wrong(index.splits["val"], split_probs["val"], classes, preprocessing,
-                                     Path(run_dir) / "confidently_wrong.png")
-        blocks.append(("h", "Most confidently wrong validation images"))
-        if wrong_png:
-            files["confidently_wrong"] = wrong_png
-            blocks += [("img", wrong_png, "most confidently wrong validation images"),
-                       ("table", ["path", "true", "predicted", "confidence"],
-                        [[r["path"], r["true"], r["predicted"], r["confidence"]] for r in rows])]
-        else:
-            blocks.append(("p", "None: every validation image is classified correctly."))
+        with _section("most confidently wrong validation images", blocks, problems):
+            wrong_png, rows = plot_wrong(index.splits["val"], split_probs["val"], classes, preprocessing,
+                                         Path(run_dir) / "confidently_wrong.png")
+            blocks.append(("h", "Most confidently wrong validation images"))
+            if wrong_png:
+                files["confidently_wrong"] = wrong_png
+                blocks += [("img", wrong_png, "most confidently wrong validation images"),
+                           ("table", ["path", "true", "predicted", "confidence"],
+                            [[r["path"], r["true"], r["predicted"], r["confidence"]] for r in rows])]
+            else:
+                blocks.append(("p", "None: every validation image is classified correctly."))
 
     write_text(Path(run_dir) / "report.md", to_markdown(blocks))
     write_text(Path(run_dir) / "report.html", to_html(blocks, f"finetune run {Path(run_dir).name}"))
     files["report_md"], files["report_html"] = Path(run_dir) / "report.md", Path(run_dir) / "report.html"
+    if problems:
+        files["problems"] = problems
     return files

@@ -81,7 +81,8 @@ def test_predict_writes_topk_csv(trained, tmp_path):
 
     on_disk = sorted(str(p.resolve()) for p in images.rglob("*.png"))
     assert sorted(r["path"] for r in rows) == on_disk
-    assert list(rows[0]) == ["path", "label", "probability", "label_1", "prob_1", "label_2", "prob_2"]
+    assert list(rows[0]) == ["path", "label", "probability", "label_1", "prob_1", "label_2", "prob_2", "error"]
+    assert all(r["error"] == "" for r in rows)
     for r in rows:
         probs = [float(r["prob_1"]), float(r["prob_2"])]
         assert probs[0] >= probs[1] >= 0 and sum(probs) <= 1 + 1e-5
@@ -104,10 +105,10 @@ def test_predict_topk_larger_than_classes_is_capped(trained, tmp_path):
     predict(make_cfg([f"ckpt={trained['ckpt']}", f"input={one}", f"output={output}", "topk=10",
                       "accelerator=cpu"], config_name="predict"))
     rows = list(csv.reader(output.open()))
-    assert len(rows) == 2 and rows[0][-2:] == ["label_3", "prob_3"]
-    probs = [float(v) for v in rows[1][4::2]]
+    assert len(rows) == 2 and rows[0][-3:] == ["label_3", "prob_3", "error"]
+    probs = [float(v) for v in rows[1][4:-1:2]]
     assert len(probs) == 3 and abs(sum(probs) - 1) < 1e-4 and probs == sorted(probs, reverse=True)
-    assert sorted(rows[1][3::2]) == sorted(CLASSES)
+    assert sorted(rows[1][3:-1:2]) == sorted(CLASSES)
 
 
 def test_checkpoint_reloads_deterministically(trained):

@@ -54,6 +54,7 @@ class ImageClassifier(L.LightningModule):
         batch_mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
         lr_scaling: str = "none",
         channels_last: bool = False,
+        eval_stage: str = "val",
     ):
         super().__init__()
         self.net = net
@@ -76,6 +77,9 @@ class ImageClassifier(L.LightningModule):
         self.batch_mixer = batch_mixer  # MixUp / CutMix on training batches (soft targets)
         self.channels_last = channels_last  # feed NHWC batches to an NHWC network
         self.lr_scaling = lr_scaling  # none | linear | sqrt: LR vs the global batch (see lr_scale_factor)
+        # The validation loop's metric prefix: "train_eval" when there is no validation split and the loop
+        # scores the training images, so those scores are never mistaken for (or monitored as) val/*.
+        self.eval_stage = eval_stage
         if plan is not None:
             self.apply_plan(epoch=0)
         # Penalties (L1, L2, L2-SP) added to the training loss; L2-SP's anchors are the weights now.
@@ -160,7 +164,7 @@ class ImageClassifier(L.LightningModule):
         return self._step(batch, "train", self.train_acc)
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, "val", self.val_acc)
+        self._step(batch, self.eval_stage, self.val_acc)
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test", self.test_acc)
@@ -190,6 +194,9 @@ class ImageClassifier(L.LightningModule):
             rank_zero_info(f"Learning rates x{factor:g} (lr_scaling={self.lr_scaling}): the global batch is "
                            f"{self.trainer.world_size * self.trainer.accumulate_grad_batches} x data.batch_size")
         options = dict(self.scheduler_options)
+        monitor = str(options.get("monitor") or "")
+        if self.eval_stage != "val" and monitor.startswith("val/"):  # no validation split: follow what is logged
+            options["monitor"] = f"{self.eval_stage}/{monitor.split('/', 1)[1]}"
         warmup_epochs = int(options.pop("warmup_epochs", 0) or 0)
         warmup_start_factor = float(options.pop("warmup_start_factor", 0.1))
         if self.scheduler_factory is None and warmup_epochs == 0:
