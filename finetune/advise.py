@@ -10,16 +10,19 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.config import validate_train_config
 from finetune.data.datasets import scan_dataset
 from finetune.data.transforms import resolve_preprocessing
-from finetune.models.backbone import load_pretrained
+from finetune.models.backbone import check_backbone_name, load_pretrained
 from finetune.policy.choose import choose_policy, format_policy_block
-from finetune.train import checked_index
+from finetune.prepare import checked_index
 
 log = logging.getLogger(__name__)
 
 
 def advise(cfg: DictConfig) -> dict[str, Any]:
+    validate_train_config(cfg)  # the same checks as training: a typo fails here, not after the measurement
+    check_backbone_name(cfg.model.backbone)
     index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     backbone, _, pretrained_head = load_pretrained(cfg.model.backbone, cfg.model.weights, **OmegaConf.to_container(cfg.model.kwargs))
     preprocessing = resolve_preprocessing(backbone, cfg.data)

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class FinetuneError(Exception):
     """An error caused by the user's input (config, files, checkpoint), with a fix in its text."""
 
     exit_code = 2
+
+
+class TrainingInterrupted(FinetuneError):
+    """Ctrl-C during training: the message says how to continue; exit status 130, as for SIGINT."""
+
+    exit_code = 130
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        super().__init__(f"Interrupted; continue with: finetune resume={run_dir}")
 
 
 def close_matches(word: str, choices: Iterable[str], n: int = 5, prefix: str = "") -> str:

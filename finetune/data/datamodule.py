@@ -225,7 +225,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         # No validation split: the loop scores the training images (evaluation transform), and the
-        # module logs them as train_eval/*, never as val/* (train.without_validation).
+        # module logs them as train_eval/*, never as val/* (prepare.without_validation).
         return self._loader("val" if "val" in self.datasets else "train", train=False)
 
     def test_dataloader(self) -> DataLoader:
