@@ -6,9 +6,13 @@ metric keys and ``_target_`` classes are valid, so that is checked here, each fa
 
 from __future__ import annotations
 
+import difflib
+import errno
+import functools
 import inspect
 import logging
 import math
+import os
 import pydoc
 import warnings
 from collections.abc import Callable
@@ -33,8 +37,9 @@ LIGHTNING_SCHEDULER_KEYS = ("monitor", "interval", "frequency")
 WARMUP_KEYS = ("warmup_epochs", "warmup_start_factor")
 
 
-def resolve_run_dir(cfg: DictConfig) -> Path:
-    """cfg.run_dir, else Hydra's output dir, else a fresh outputs/<time> folder (library calls); created."""
+def resolve_run_dir(cfg: DictConfig, purpose: str = "a run writes its checkpoints, logs and report there") -> Path:
+    """cfg.run_dir, else Hydra's output dir, else a fresh outputs/<time> folder (library calls); created.
+    ``purpose`` completes the error message: what the folder is for."""
     from finetune.run_files import is_hydra_fallback
 
     if cfg.get("run_dir"):
@@ -48,11 +53,16 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         from datetime import datetime
 
         path = Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+    link = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if link is not None:
+        raise FinetuneError(f"run_dir={path} cannot be created: {link} is a symbolic link to {os.readlink(link)}, "
+                            f"which does not exist. Create that folder, or pass another run_dir.")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FinetuneError(f"run_dir={path} cannot be created ({e.strerror or e}): a run writes its checkpoints, "
-                            f"logs and report there. Pass run_dir=DIR, a folder you can write to.") from None
+        what = "a file is in the way" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror or e
+        raise FinetuneError(f"run_dir={path} cannot be created ({what}): {purpose}. Pass run_dir=DIR, a folder you "
+                            f"can write to.") from None
     return path.resolve()
 
 
@@ -138,6 +148,11 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("policy.measure.seed", lambda v: _whole(v, 0, 2**32 - 1), "must be a whole number in [0, 4294967295]"),
     ("policy.measure.enabled", _optional(lambda v: isinstance(v, bool), "auto"), "must be auto, true or false"),
     *((f"policy.{k}", lambda v: isinstance(v, bool), _FLAG) for k in ("frozen_bn_eval", "train_stages", "head_warm_start")),
+    ("policy.thresholds.small_max_per_class", lambda v: _number(v, 0),
+     "must be a number of images per class >= 0 (below it the data counts as small)"),
+    ("policy.thresholds.similar_max_gap", lambda v: _number(v, 0, 1), "must be an accuracy gap in [0, 1]"),
+    ("callbacks.early_stopping.patience", lambda v: _whole(v, 0), "must be a whole number of epochs >= 0"),
+    ("callbacks.early_stopping.min_delta", lambda v: _number(v, 0), "must be a number >= 0"),
     ("ensemble.size", lambda v: _whole(v, 1), "must be a positive integer (1 = no ensemble)"),
     ("ensemble.snapshots", lambda v: isinstance(v, bool), _FLAG),
     ("report", lambda v: isinstance(v, bool), _FLAG),
@@ -207,8 +222,85 @@ def _check_accelerator(accelerator: Any) -> None:
         )
 
 
+# --------------------------------------------------------------------------- keys nothing reads
+
+# Where any key is valid: timm's keyword arguments, and groups whose entries are checked elsewhere (Trainer
+# arguments against its signature, optimizer/scheduler keys against their _target_, callbacks and loggers are
+# {name: {_target_: ...}} entries of the user's choosing).
+FREE_FORM_KEYS = ("model.kwargs", "trainer", "optimizer", "scheduler", "callbacks", "logger", "hparams_search")
+# The config groups each command composes (their options' YAML files give the keys finetune reads).
+COMMAND_GROUPS = {"train": ("data", "policy", "model", "augment", "optimizer", "scheduler", "regularization",
+                            "trainer", "logger", "callbacks", "hparams_search"),
+                  "preview": ("data", "model", "augment")}
+
+
+def _conf_yaml(relative: str) -> dict[str, Any]:
+    import importlib.resources
+
+    import yaml
+
+    text = (importlib.resources.files("finetune.conf") / relative).read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    data.pop("defaults", None)
+    data.pop("hydra", None)
+    return data
+
+
+def _union(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _union(into[key], value)
+        elif isinstance(value, dict) or key not in into:
+            into[key] = dict(value) if isinstance(value, dict) else value
+    return into
+
+
+@functools.cache
+def known_keys(command: str) -> dict[str, Any]:
+    """The key tree a command's config may have: its own YAML's keys, and for each group the union of the keys
+    of every option of that group (``data``: data/*.yaml; ``policy``: policy/*.yaml, with base.yaml's)."""
+    import importlib.resources
+
+    tree = _conf_yaml(f"{command}.yaml")
+    for group in COMMAND_GROUPS.get(command, ()):
+        merged: dict[str, Any] = {}
+        for option in sorted((importlib.resources.files("finetune.conf") / group).iterdir(), key=lambda f: f.name):
+            if option.name.endswith(".yaml"):
+                _union(merged, _conf_yaml(f"{group}/{option.name}"))
+        tree[group] = merged
+    return tree
+
+
+def check_known_keys(cfg: DictConfig, command: str = "train") -> None:
+    """Refuse a key that nothing reads: ``+data.foo=1`` (or ``+policy.lr_decy=0.5``: Hydra's own advice for a
+    misspelled key is the '+', which adds it) would otherwise be accepted and silently change nothing."""
+    _check_keys(cfg, known_keys(command), "", command)
+
+
+def _check_keys(node: DictConfig, known: dict[str, Any], prefix: str, command: str) -> None:
+    for key in node:
+        path = f"{prefix}{key}"
+        if path in FREE_FORM_KEYS:
+            continue
+        if key not in known:
+            where = f"under {prefix[:-1]}" if prefix else "at the top level"
+            names = sorted(str(k) for k in known)
+            closest = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            fix = (f"Set an existing key without '+', e.g. {prefix}{closest[0]}=..., or remove {path}." if closest
+                   else f"Remove {path} (a '+' adds a key; an existing one is set without it).")
+            raise FinetuneError(
+                f"{path} is not a key that finetune{'-' + command if command != 'train' else ''} reads ({where}), so "
+                f"setting it would change nothing.{close_matches(str(key), names, prefix=prefix)} The keys "
+                f"{where} are: {', '.join(names)}. {fix}"
+            )
+        child = node._get_node(key)
+        if isinstance(known[key], dict) and isinstance(child, DictConfig) and not child._is_none():
+            _check_keys(child, known[key], f"{path}.", command)
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Fail fast on values Hydra cannot check: Trainer arguments, monitored keys, targets."""
+    check_known_keys(cfg)
     trainer_args = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
     for key in cfg.trainer:
         if key not in trainer_args:
@@ -228,6 +320,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     for name, cb in (cfg.get("callbacks") or {}).items():
         if cb is not None and cb.get("monitor") is not None:
             _check_monitor(f"callbacks.{name}.monitor", cb.monitor)
+    _warn_without_checkpoints(cfg)
     if cfg.scheduler.get("_target_") and cfg.scheduler.get("monitor") is not None:
         _check_monitor("scheduler.monitor", cfg.scheduler.monitor)
     if cfg.policy.get("head_solver", "lbfgs") not in ("lbfgs", "optimizer"):
@@ -235,6 +328,18 @@ def validate_train_config(cfg: DictConfig) -> None:
     if float(cfg.data.val_fraction) + float(cfg.data.test_fraction) >= 1:
         raise FinetuneError("data.val_fraction + data.test_fraction must leave training images (sum < 1).")
     _validate_recipe(cfg)
+
+
+def _warn_without_checkpoints(cfg: DictConfig) -> None:
+    """``~callbacks.model_checkpoint ~callbacks.last_checkpoint`` trains a model that is gone at exit: say so first."""
+    saved = {str(name): str(cb.get("filename")) for name, cb in (cfg.get("callbacks") or {}).items()
+             if cb is not None and str(cb.get("_target_", "")).endswith("ModelCheckpoint")}
+    if not saved:
+        log.warning("No checkpoint callback (callbacks.model_checkpoint and callbacks.last_checkpoint were removed): "
+                    "this run saves no weights, so it cannot be resumed, evaluated or used for predictions.")
+    elif "last" not in saved.values():
+        log.warning("No callbacks.last_checkpoint: this run writes no checkpoints/last.ckpt, so `finetune resume=RUN` "
+                    "cannot continue it if it stops.")
 
 
 def _validate_recipe(cfg: DictConfig) -> None:
@@ -254,6 +359,7 @@ def _validate_recipe(cfg: DictConfig) -> None:
     check_tta(cfg.get("tta"))
     _check_optimizer(cfg.optimizer)
     _check_call_arguments("scheduler", cfg.scheduler, skip=(*LIGHTNING_SCHEDULER_KEYS, *WARMUP_KEYS))
+    _check_schedule(cfg)
     optimizer = str(cfg.optimizer.get("_target_", ""))
     if optimizer.endswith("LBFGS"):
         if any(tag in str(cfg.trainer.precision) for tag in ("16",)):
@@ -289,6 +395,94 @@ def _validate_recipe(cfg: DictConfig) -> None:
             )
         if size > 1:
             raise FinetuneError("ensemble.snapshots=true and ensemble.size>1 together are not supported; choose one.")
+
+
+# Scheduler arguments that are lengths (epochs, or steps for interval=step): torch accepts 0 or a negative
+# number for some of them and the schedule then divides by zero or runs backwards, in fit.
+SCHEDULE_LENGTHS = ("T_max", "step_size", "cycle_epochs", "cycle_mult", "T_0", "T_mult", "total_steps", "epochs",
+                    "steps_per_epoch", "total_iters")
+# Schedules that do not need the run's length: what to suggest when trainer.max_epochs=-1.
+ENDLESS_SCHEDULES = "scheduler=plateau, step, multistep, exponential, inverse_time, cosine_restarts or none"
+
+
+def _check_schedule(cfg: DictConfig) -> None:
+    """(Issue 14) A schedule that needs the run's length when it has none (trainer.max_epochs=-1: Lightning's
+    "no limit"), lengths that are not >= 1, and whatever torch refuses when it builds the scheduler, all before
+    any data is read; a schedule that ends before the run does is a warning."""
+    node = cfg.scheduler
+    target = str(node.get("_target_") or "")
+    name = target.rsplit(".", 1)[-1]
+    max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
+    raw = OmegaConf.to_container(node, resolve=False)
+    if max_epochs == -1:
+        for key, value in raw.items():
+            if isinstance(value, str) and "trainer.max_epochs" in value:
+                raise FinetuneError(
+                    f"scheduler.{key}={value} is the run's length in epochs, but trainer.max_epochs=-1 sets none, so "
+                    f"{name} would anneal over -1 epochs. Set trainer.max_epochs=N (trainer.max_time can still stop "
+                    f"it earlier), or scheduler.{key}=N, or use a schedule without an end: {ENDLESS_SCHEDULES}."
+                )
+        if name == "OneCycleLR" and max_steps in (-1, None):
+            raise FinetuneError(
+                "scheduler=onecycle spreads one cycle over the run's steps, but trainer.max_epochs=-1 with "
+                "trainer.max_steps=-1 gives the run no length. Set trainer.max_epochs=N or trainer.max_steps=N, or use "
+                f"{ENDLESS_SCHEDULES}."
+            )
+        if (cfg.get("ensemble") or {}).get("snapshots"):
+            raise FinetuneError("ensemble.snapshots=true takes its snapshots at the cycle ends that fit in "
+                                "trainer.max_epochs, but trainer.max_epochs=-1 sets no end. Set trainer.max_epochs=N.")
+    if not target:
+        return
+    for key in SCHEDULE_LENGTHS:
+        if key in node and node[key] is not None and not _whole(node[key], 1):
+            raise FinetuneError(f"scheduler.{key}={node[key]} must be a whole number >= 1 (a length in "
+                                f"{'steps' if node.get('interval') == 'step' else 'epochs'}).")
+    if "milestones" in node:
+        milestones = OmegaConf.to_container(node.milestones) if OmegaConf.is_list(node.milestones) else node.milestones
+        if not (isinstance(milestones, list) and milestones and all(_whole(m, 1) for m in milestones)):
+            raise FinetuneError(f"scheduler.milestones={milestones} must be a list of epochs >= 1, e.g. "
+                                f"scheduler.milestones=[5,8].")
+    _build_dummy_scheduler(cfg)
+    if isinstance(max_epochs, int) and max_epochs > 0 and node.get("interval", "epoch") == "epoch":
+        _warn_short_schedule(node, name, max_epochs)
+
+
+def _build_dummy_scheduler(cfg: DictConfig) -> None:
+    """What torch checks when it builds the scheduler (a mode, a factor, pct_start, the warmup) on a dummy
+    optimizer, as _check_optimizer does: otherwise it fails in fit, after the data check and measurement."""
+    import torch
+
+    from finetune.recipe.schedulers import build_lr_schedulers
+
+    max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
+    total = max_steps if _whole(max_steps, 1) else max_epochs if _whole(max_epochs, 1) else 10
+    try:
+        _, factory, options = build_optimizer_and_scheduler(OmegaConf.create(
+            {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+             "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True)}))
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        warmup = {k: options.pop(k) for k in WARMUP_KEYS if k in options}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build_lr_schedulers(optimizer, factory, options, int(warmup.get("warmup_epochs", 0) or 0),
+                                float(warmup.get("warmup_start_factor", 0.1)), 1, int(total))
+    except FinetuneError:
+        raise
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError, RuntimeError) as e:
+        raise FinetuneError(f"scheduler ({cfg.scheduler._target_}) refuses its settings: {str(e).splitlines()[0].rstrip('.!')}. "
+                            f"Fix the scheduler.* value it names.") from None
+
+
+def _warn_short_schedule(node: DictConfig, name: str, max_epochs: int) -> None:
+    """Schedules that end, or never start, within the run: not an error, but rarely what was meant."""
+    if name == "CosineAnnealingLR" and _whole(node.get("T_max"), 1) and node.T_max < max_epochs:
+        log.warning("scheduler.T_max=%s is shorter than trainer.max_epochs=%s: torch's cosine is periodic, so the LR "
+                    "climbs back up after epoch %s. Leave scheduler.T_max=${trainer.max_epochs} (the default) unless "
+                    "that is what you want.", node.T_max, max_epochs, node.T_max)
+    milestones = list(node.milestones) if "milestones" in node else [node.step_size] if "step_size" in node else []
+    if milestones and all(_whole(m, 1) and m >= max_epochs for m in milestones):
+        log.warning("scheduler=%s changes the LR first at epoch %s, but the run has only %s epochs "
+                    "(trainer.max_epochs): the LR stays constant.", name, min(milestones), max_epochs)
 
 
 # Optimizer arguments that torch checks only when it builds the optimizer (in fit, after the data check and

@@ -148,7 +148,7 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
     if diff > 1e-4:
         raise FinetuneError(f"the exported {fmt} model differs from torch by {diff:.2e} (> 1e-4) on {len(example)} images; "
                             f"nothing was written to output={output}. Please report this with the backbone name.")
-    write_output(output, data)
+    write_output(output, data, overwrite=overwrite)
     return {"output": str(output), "format": fmt, "input_dtype": dtype, "input_shape": ["N", 3, size, size],
             "classes": loaded.classes, "max_abs_diff_vs_torch": diff, "checked_on": len(example)}
 
@@ -165,6 +165,9 @@ def run_export(cfg) -> dict[str, Any]:
     """CLI: ``finetune-export ckpt=... format=onnx|torchscript output=... [input_dtype=uint8|float32]``;
     the parity check runs on images from ``check_images`` (a folder or file) when given. The output is
     checked before anything is loaded."""
+    from finetune.config import check_known_keys
+
+    check_known_keys(cfg, "export")
     if not cfg.get("output"):
         raise FinetuneError("output is not set: pass output=model.onnx (or model.pt for torchscript).")
     images = None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
 from torch.utils.data import DataLoader
 
-from finetune.config import resolve_run_dir
+from finetune.config import check_known_keys, resolve_run_dir
 from finetune.data.datamodule import ImageListDataset, decode_side
 from finetune.data.datasets import IMAGE_EXTENSIONS, DatasetIndex, scan_dataset, scan_inputs
 from finetune.data.images import BadImageError
@@ -49,6 +49,9 @@ def check_tta(tta: Any, key: str = "tta") -> list[str]:
     for view in views:
         if view not in TTA_VIEWS:
             raise FinetuneError(f"{key}: '{view}' is not a test-time view; choose from {', '.join(TTA_VIEWS)}.{close_matches(view, TTA_VIEWS)}")
+    if len(set(views)) < len(views):  # each view is used once: tta=[hflip,hflip] is not a weight
+        log.warning("%s lists a view twice (%s); each view is used once.", key, ",".join(views))
+        views = list(dict.fromkeys(views))
     return views
 
 
@@ -92,7 +95,18 @@ def _scored_checkpoint(run: Path) -> Path:
     except (OSError, ValueError):
         scored = None
     candidate = run / "checkpoints" / Path(str(scored)).name if scored else None
-    return candidate if candidate is not None and candidate.is_file() else run / "checkpoints" / "best.ckpt"
+    if candidate is not None and candidate.is_file():
+        return candidate
+    best, last = run / "checkpoints" / "best.ckpt", run / "checkpoints" / "last.ckpt"
+    if not best.is_file() and last.is_file():  # a run without the best-checkpoint callback, or still in epoch 1
+        log.warning("%s has no checkpoints/best.ckpt; using %s.", run, last)
+        return last
+    if not best.is_file() and (run / "config.yaml").is_file():
+        raise FinetuneError(
+            f"{run} is a run folder without a checkpoint (no checkpoints/best.ckpt or last.ckpt): it is still in its "
+            f"first epoch, stopped before saving one, or ran without the checkpoint callbacks. Wait for it to save one, "
+            f"or pass ckpt=FILE.ckpt.")
+    return best
 
 
 def load_members(ckpt: Any, key: str = "ckpt") -> list[LoadedCheckpoint]:
@@ -220,8 +234,35 @@ def _split_samples(index: DatasetIndex, split: str, classes: list[str], root: An
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Accuracy and loss of ``cfg.ckpt`` (one checkpoint, or an ensemble averaged) on ``cfg.data.root``,
-    with optional test-time augmentation; written to RUN/eval_metrics.json. Unreadable images are left
-    out of the scores and listed under "skipped"."""
+    with optional test-time augmentation; written to RUN/eval_metrics.json (an earlier one is kept unless
+    ``overwrite=true``). Unreadable images are left out of the scores and listed under "skipped".
+    A failed evaluation without run_dir leaves no empty outputs/eval/<date>/<time>/ behind."""
+    try:
+        return _evaluate(cfg)
+    except BaseException:
+        if not cfg.get("run_dir"):
+            _remove_empty_default_folder()
+        raise
+
+
+def _remove_empty_default_folder() -> None:
+    """Hydra's outputs/eval/<date>/<time>/ (created before the command starts) and its parents up to the working
+    directory, as long as they are empty: the command failed before writing anything there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    folder, cwd = Path(HydraConfig.get().runtime.output_dir).absolute(), Path.cwd().absolute()
+    while folder != cwd and cwd in folder.parents:
+        try:
+            folder.rmdir()  # only an empty folder
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, Any]:
+    check_known_keys(cfg, "eval")
     tta = check_tta(cfg.get("tta"))
     batch_size = _positive_int(cfg.data.batch_size, "data.batch_size")
     if isinstance(cfg.data.num_workers, bool) or not isinstance(cfg.data.num_workers, int) or cfg.data.num_workers < 0:
@@ -229,12 +270,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = _checked_device(cfg.accelerator)
     # The run folder first (it is created here): a bad run_dir fails before the checkpoint is loaded.
     try:
-        run_dir = resolve_run_dir(cfg)
+        run_dir = resolve_run_dir(cfg, purpose="finetune-eval writes eval_metrics.json there")
     except OSError as e:
         raise FinetuneError(f"run_dir={cfg.get('run_dir')} cannot be created: {e.strerror or e} ({e.filename}). "
                             f"Choose another run_dir.") from None
-    output = check_output(run_dir / "eval_metrics.json", _checkpoint_inputs(cfg.ckpt, resolve_members(cfg.ckpt)),
-                          overwrite=True, key="run_dir")
+    output = run_dir / "eval_metrics.json"
+    if output.is_file() and not cfg.get("overwrite"):
+        raise FinetuneError(f"run_dir={cfg.get('run_dir') or run_dir} already holds an eval_metrics.json (an earlier evaluation); pass "
+                            f"overwrite=true to replace it, or choose another run_dir.")
+    output = check_output(output, _checkpoint_inputs(cfg.ckpt, resolve_members(cfg.ckpt)), overwrite=True,
+                          key="run_dir")
     members = load_members(cfg.ckpt)
     # One class is fine here: scoring a checkpoint on a folder of a single class is a real use.
     index = scan_dataset(cfg.data.root, val_fraction=0.0, test_fraction=0.0, min_classes=1)
@@ -259,7 +304,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **scores,
         "skipped": [{"path": path, "error": why} for path, why in skipped.items()],
     }
-    write_output(output, json.dumps(metrics, indent=2) + "\n", key="run_dir")
+    write_output(output, json.dumps(metrics, indent=2) + "\n", key="run_dir", overwrite=bool(cfg.get("overwrite")))
     what = f"ensemble of {len(members)}" if len(members) > 1 else "checkpoint"
     extra = f" (members {', '.join(f'{a:.4f}' for a in scores['member_acc'])})" if len(members) > 1 else ""
     print(f"Accuracy {metrics['acc']:.4f}, loss {metrics['loss']:.4f} on {len(samples)} images "
@@ -284,6 +329,7 @@ def predict(cfg: DictConfig) -> Path:
     and the TTA views' probabilities averaged). An unreadable image gets a row with an empty label and
     its ``error``, and is listed on the console; the rest are predicted. Everything that can be checked
     without the model (options, inputs, the output's location) is checked before it is loaded."""
+    check_known_keys(cfg, "predict")
     tta = check_tta(cfg.get("tta"))
     topk = _positive_int(cfg.topk, "topk")
     batch_size = _positive_int(cfg.batch_size, "batch_size")
@@ -312,7 +358,7 @@ def predict(cfg: DictConfig) -> Path:
             continue
         ranked = [x for i, v in zip(indices, values) for x in (classes[i], f"{v:.6f}")]
         rows.append([path, ranked[0], ranked[1], *ranked, ""])
-    write_output(output, _to_csv(rows))
+    write_output(output, _to_csv(rows), overwrite=bool(cfg.get("overwrite")))
     if skipped:
         _report_skipped(skipped, f"input={cfg.input}", len(paths))
     print(f"Predicted {len(paths) - len(skipped)} image(s) -> {output.resolve()}"

@@ -5,6 +5,7 @@ where configured. ``finetune-preview`` writes it on its own; every training run 
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from finetune.data.images import BadImageError, load_image
 from finetune.data.mixing import build_batch_mixer
 from finetune.data.transforms import Preprocessing, eval_transform, train_transform
 from finetune.errors import FinetuneError
+from finetune.run_files import write_output
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def _to_image(x: torch.Tensor, pp: Preprocessing) -> np.ndarray:
 
 
 def write_preview(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, Any] | None, path: str | Path,
-                  rows: int = 6, draws: int = 5, seed: int = 0) -> Path:
+                  rows: int = 6, draws: int = 5, seed: int = 0, overwrite: bool = True) -> Path:
     # Its own generators: drawing the preview must not move the training run's random state.
     numpy_state = np.random.get_state()
     with torch.random.fork_rng(devices=[]):
@@ -55,7 +57,7 @@ def write_preview(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, 
             grid = _draw_grid(index, pp, augment, rows, draws, seed)
         finally:
             np.random.set_state(numpy_state)
-    _save_grid(grid, augment, pp, Path(path))
+    _save_grid(grid, augment, pp, Path(path), overwrite)
     return Path(path)
 
 
@@ -106,7 +108,7 @@ def _draw_grid(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, Any
 
 
 def _save_grid(grid: list[list[tuple[np.ndarray, str]]], augment: Mapping[str, Any] | None, pp: Preprocessing,
-               path: Path) -> None:
+               path: Path, overwrite: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,11 +126,21 @@ def _save_grid(grid: list[list[tuple[np.ndarray, str]]], augment: Mapping[str, A
     name = ", ".join(_describe(augment))
     fig.suptitle(f"Training inputs at {pp.image_size} px: {name}", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    image = io.BytesIO()
+    try:
+        fig.savefig(image, dpi=90, format=image_format(path))
+    finally:
+        plt.close(fig)
+    write_output(path, image.getvalue(), overwrite=overwrite)  # whole or not at all (temp file + rename)
+
+
+# What matplotlib writes, by the output's suffix (anything else: PNG, as before).
+IMAGE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg", "webp", "tif", "tiff")
+
+
+def image_format(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return suffix if suffix in IMAGE_FORMATS else "png"
 
 
 def _describe(augment: Mapping[str, Any] | None) -> Sequence[str]:
@@ -157,17 +169,33 @@ def preview(cfg) -> Path:
     """``finetune-preview``: the grid for ``data.root`` and ``augment``, without any training."""
     from omegaconf import OmegaConf
 
+    from finetune.config import check_known_keys
     from finetune.data.datasets import scan_dataset
     from finetune.data.transforms import resolve_preprocessing
     from finetune.models.backbone import check_backbone_name
+    from finetune.run_files import check_output
 
+    check_known_keys(cfg, "preview")
+    for key in ("rows", "draws"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or not 1 <= cfg[key] <= 100:
+            raise FinetuneError(f"{key}={cfg[key]} must be a whole number from 1 to 100.")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+        raise FinetuneError(f"seed={cfg.seed} must be a whole number in [0, 4294967295].")
     check_backbone_name(cfg.model.backbone)
+    index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    # Never an input (data.root, its CSV, an image), an existing file only with overwrite=true; checked before drawing.
+    inputs = [("data.root", str(cfg.data.root))] + [
+        ("an input image", path) for samples in index.splits.values() for path, _ in samples]
+    path = check_output(preview_path(cfg), inputs, overwrite=bool(cfg.get("overwrite")))
+    if path.suffix and path.suffix.lower().lstrip(".") not in IMAGE_FORMATS:
+        raise FinetuneError(f"output={cfg.output}: the preview cannot be written as {path.suffix}; name it .png "
+                            f"(or {', '.join('.' + f for f in IMAGE_FORMATS[1:])}).")
     import timm
 
     model = timm.create_model(cfg.model.backbone, pretrained=False)  # its pretrained config only: size, mean, std
     pp = resolve_preprocessing(model, cfg.data)
-    index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
-    out = write_preview(index, pp, OmegaConf.to_container(cfg.augment, resolve=True), preview_path(cfg),
-                        rows=int(cfg.rows), draws=int(cfg.draws), seed=int(cfg.seed))
+    out = write_preview(index, pp, OmegaConf.to_container(cfg.augment, resolve=True), path,
+                        rows=int(cfg.rows), draws=int(cfg.draws), seed=int(cfg.seed),
+                        overwrite=bool(cfg.get("overwrite")))
     print(f"Preview of {len(index.splits['train'])} training images' pipeline -> {out.resolve()}")
     return out

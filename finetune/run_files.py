@@ -155,11 +155,14 @@ def hydra_run_dir(run_dir: Any, resume: Any, default: str) -> str:
     it (naming run_dir) instead of Hydra's logging setup failing with a traceback."""
     chosen = str(run_dir) if run_dir not in (None, "") else str(run_folder_of(resume) or default)
     probe = Path(chosen).expanduser().absolute()
+    fallback = str(Path(tempfile.gettempdir()) / f"{HYDRA_FALLBACK_PREFIX}{os.getpid()}")
     while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # a link to nowhere: Hydra's mkdir would fail with FileExistsError
+            return fallback
         probe = probe.parent
     if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
         return chosen
-    return str(Path(tempfile.gettempdir()) / f"{HYDRA_FALLBACK_PREFIX}{os.getpid()}")
+    return fallback  # a file in the way, or a folder that cannot be written
 
 
 HYDRA_FALLBACK_PREFIX = "finetune-hydra-"
@@ -246,6 +249,11 @@ def check_output(path: str | Path, inputs: Any = (), overwrite: bool = False, ke
         raise FinetuneError(f"{key} is not set: pass {key}=FILE.")
     text = str(path)
     out = Path(text).expanduser()
+    if _stream(out):  # output=/dev/stdout, /dev/null, a named pipe: written straight into, never replaced
+        return out
+    if out.exists() and not (out.is_file() or out.is_dir()):
+        raise FinetuneError(f"{key}={text} is not a regular file (a device or socket); writing there would replace "
+                            f"it. Choose another {key}.")
     if out.exists():
         identity = _identity(out)
         for what, other in inputs:
@@ -274,6 +282,34 @@ def check_output(path: str | Path, inputs: Any = (), overwrite: bool = False, ke
     return out
 
 
+class _Appeared(Exception):
+    """The output was created by someone else between check_output and the write."""
+
+
+def _stream(path: Path) -> bool:
+    """A character device (/dev/stdout, /dev/null) or a named pipe: a write goes through it, it is no file to replace."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
+def _place_new(tmp: str, path: Path) -> None:
+    """Rename ``tmp`` to ``path`` only if ``path`` does not exist, atomically: a hard link fails with
+    FileExistsError when something is there. Filesystems without hard links: check, then rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _Appeared from None
+    except OSError:
+        if path.exists() or path.is_symlink():
+            raise _Appeared from None
+        os.replace(tmp, path)
+
+
 def _identity(path: Any) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -282,16 +318,21 @@ def _identity(path: Any) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def write_output(path: str | Path, content: str | bytes, key: str = "output") -> Path:
+def write_output(path: str | Path, content: str | bytes, key: str = "output", overwrite: bool = True) -> Path:
     """Write a command's output whole (temp file in its folder + rename, as write_text); any failure
     (disk full, read-only, a folder appearing there) is a FinetuneError naming ``key`` and leaves no
-    temp file behind."""
+    temp file behind. ``overwrite=False``: a file that appeared at ``path`` since check_output (another
+    command writing the same output at the same time) is kept and this one refused, not silently replaced."""
     from finetune.errors import FinetuneError
 
     path = Path(path).expanduser()
     try:
         if isinstance(content, str):
-            return write_text(path, content)
+            content = readable(content).encode("utf-8")
+        if _stream(path):  # never os.replace a device node or a pipe (as root, that would replace /dev/null)
+            with open(path, "wb") as f:
+                f.write(content)
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
@@ -300,11 +341,17 @@ def write_output(path: str | Path, content: str | bytes, key: str = "output") ->
                 f.write(content)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                _place_new(tmp, path)
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
         return path
+    except _Appeared:
+        raise FinetuneError(f"{key}={path} appeared while this command ran (another command writing the same {key}?); "
+                            f"it was kept and nothing was written. Pass overwrite=true to replace it, or choose "
+                            f"another {key}.") from None
     except OSError as e:
         raise FinetuneError(f"{key}={path} could not be written: {e.strerror or e}"
                             f"{' (' + e.filename + ')' if isinstance(e.filename, str) else ''}. Nothing was written; "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,22 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 CLASSES = ("circle", "square", "stripes")
+
+
+BIN = Path(sys.prefix) / "bin"
+
+
+def run_cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / script), *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *expected: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())  # undo the CLI's line wrapping
+    for text in expected:
+        assert text in message, (text, message)
+    return message
 
 
 def draw(kind: str, rng: np.random.Generator, size: int = 40) -> np.ndarray:

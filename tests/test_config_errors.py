@@ -7,34 +7,17 @@ where Hydra's own errors (a mistyped key or group option) must also exit 2 witho
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, FAST, make_cfg, write_images
+from conftest import CLASSES, FAST, assert_user_error, make_cfg, run_cli, write_images
 
 from finetune.cli.main import report_errors
 from finetune.config import validate_train_config
 from finetune.errors import FinetuneError
 from finetune.models.backbone import load_pretrained
 from finetune.train import train
-
-BIN = Path(sys.prefix) / "bin"
-
-
-def run_cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / script), *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=120)
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *expected: str) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    message = " ".join(result.stderr.split())  # undo the CLI's line wrapping
-    for text in expected:
-        assert text in message, (text, message)
-    return message
 
 
 @pytest.fixture(scope="module")

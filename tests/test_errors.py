@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from conftest import CLASSES, FAST, make_cfg, write_images
+from conftest import CLASSES, FAST, assert_user_error, make_cfg, run_cli, write_images
 
 from finetune.cli.main import report_errors
 from finetune.data.datasets import scan_dataset
@@ -23,18 +21,6 @@ from finetune.models.backbone import create_backbone
 from finetune.models.checkpoint import load_classifier, read_checkpoint
 from finetune.train import train
 
-BIN = Path(sys.prefix) / "bin"
-
-def run_cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / script), *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=120)
-
-def assert_user_error(result: subprocess.CompletedProcess, *expected: str) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    message = " ".join(result.stderr.split())  # undo the CLI's line wrapping
-    for text in expected:
-        assert text in message, (text, message)
-    return message
 
 class RunsCode:
     """Unpickling this runs a shell command: what a malicious 'checkpoint' would do."""

@@ -11,8 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CLASSES, FAST, make_cfg, write_images
-from test_errors import BIN, assert_user_error, run_cli
+from conftest import BIN, CLASSES, FAST, assert_user_error, make_cfg, run_cli, write_images
 
 from finetune.errors import FinetuneError
 from finetune.export import export

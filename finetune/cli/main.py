@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import textwrap
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -65,10 +67,44 @@ def _lossless_text_output() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def _reader_gone() -> None:
+    """(Issue 14) stdout (or stderr) is a pipe whose reader has closed it (`finetune --help | head -1`): exit
+    quietly with the status a process killed by SIGPIPE gets (141), as `cat`/`yes` do, without Python's
+    BrokenPipeError traceback. Both streams are pointed at /dev/null first, so the interpreter's final flush
+    of what is still buffered cannot fail again ("Exception ignored ... BrokenPipeError")."""
+    _to_devnull(sys.stdout)
+    _to_devnull(sys.stderr)
+    sys.exit(128 + 13)
+
+
+def _to_devnull(stream: Any) -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stream): nothing to flush
+        pass
+
+
+def _log_to_closed_pipe(handler: logging.StreamHandler, record: logging.LogRecord,
+                        original: Callable[[logging.StreamHandler, logging.LogRecord], None]) -> None:
+    """A log line written to a pipe whose reader has gone (`finetune ... | head -3`, `--info | head`) would print
+    logging's '--- Logging error ---' traceback for every later line: that stream is pointed at /dev/null instead
+    and the command goes on (a training run is not lost because its console was closed; RUN/main.log has every
+    line)."""
+    if isinstance(sys.exc_info()[1], BrokenPipeError):
+        _to_devnull(handler.stream)
+        return
+    original(handler, record)
+
+
 def _exit_with(message: str, code: int = 2) -> None:
     """The user-error paragraph on stderr, then exit ``code`` (no traceback)."""
     text = textwrap.fill(message, width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
-    print("\nerror: " + text, file=sys.stderr)
+    try:
+        print("\nerror: " + text, file=sys.stderr)
+    except BrokenPipeError:  # `finetune ... 2>&1 | head -1`: the status still says what happened
+        _to_devnull(sys.stderr)
     sys.exit(code)
 
 
@@ -83,6 +119,8 @@ def report_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
         _lossless_text_output()
         try:
             return fn(cfg)
+        except BrokenPipeError:
+            _reader_gone()
         except FinetuneError as e:
             _exit_with(str(e), e.exit_code)
         except InterpolationResolutionError as e:  # a ${...} the user wrote (ours all resolve)
@@ -90,8 +128,25 @@ def report_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
                        f"{str(e).splitlines()[0]} Fix the reference (`--cfg job` prints the config).")
         except KeyboardInterrupt:
             _interrupted()
+        finally:
+            _remove_hydra_fallback()
 
     return wrapped
+
+
+def _remove_hydra_fallback() -> None:
+    """The temp folder hydra_run_dir gave Hydra in place of a run_dir it could not write (a file in the way, a
+    read-only folder): it holds only Hydra's startup files, and one would be left per failed command."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune.run_files import is_hydra_fallback
+
+    if HydraConfig.initialized():
+        path = Path(HydraConfig.get().runtime.output_dir)
+        if is_hydra_fallback(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 _TASK_CODE = report_errors(print).__code__  # the frame every task runs in (see _raised_in_task)
@@ -117,6 +172,15 @@ def _hydra_error_message(error: Exception) -> str:
             return (f"{group}={name} is not one of the {group} configs: {', '.join(options)}."
                     f"{close_matches(name, options)}")
         return f"{' '.join(str(error).split('Config search path')[0].split())} Check the config name."
+    if isinstance(error, OverrideParseException) and "=" not in str(error.override) and not str(
+            error.override).startswith("~"):
+        return (f"'{error.override}' is not an override (KEY=VALUE). If your shell expanded a wildcard (input=*.jpg) or "
+                f"split a path with spaces, quote it: input='photos/*.jpg' or data.root='my photos'; several "
+                f"files are a list: input=[a.jpg,b.jpg].")
+    if isinstance(error, OverrideParseException) and "~" in str(error.override).partition("=")[2]:
+        return (f"The override '{error.override}' could not be parsed: Hydra does not accept an unquoted ~ in a value. "
+                f"Write it quoted, e.g. 'data.root=\"~/photos\"' (finetune expands ~), or let the shell expand it: "
+                f"data.root=$HOME/photos.")
     if isinstance(error, OverrideParseException):
         return (f"The override '{error.override}' could not be parsed: {error.message.splitlines()[0]}. Quote a value "
                 f"with spaces or special characters, e.g. 'data.root=\"my photos\"' (inside single quotes).")
@@ -154,12 +218,20 @@ def _config_errors_exit_2(main: Callable[..., Any]) -> Callable[..., Any]:
                 _exit_with(_hydra_error_message(e))
             except KeyboardInterrupt:
                 _interrupted()
+            except BrokenPipeError:  # --cfg job, --info, a sweep's summary
+                _reader_gone()
 
         hydra_utils.run_and_report = lambda func: original(lambda: guarded(func))
+        handle_error = logging.StreamHandler.handleError
+        logging.StreamHandler.handleError = functools.partialmethod(  # type: ignore[method-assign]
+            _log_to_closed_pipe, original=handle_error)
         try:
             return main(*args, **kwargs)
+        except BrokenPipeError:  # --help, --hydra-help: printed before run_and_report
+            _reader_gone()
         finally:
             hydra_utils.run_and_report = original
+            logging.StreamHandler.handleError = handle_error  # type: ignore[method-assign]
 
     return entry
 

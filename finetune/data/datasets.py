@@ -418,6 +418,15 @@ def scan_dataset(
 def scan_inputs(path: str | Path, key: str = "input") -> list[str]:
     """Images to predict on: one file, or every image under a folder (recursive)."""
     p = Path(str(path)).expanduser()
+    if not p.exists() and any(c in str(p) for c in "*?["):  # input='photos/*.jpg', quoted so the shell left it
+        import glob
+
+        matches = sorted(glob.glob(str(p), recursive=True))
+        images = [str(Path(m).resolve()) for m in matches if Path(m).is_file() and Path(m).suffix.lower() in IMAGE_EXTENSIONS]
+        if not images:
+            raise FinetuneError(f"{key}={p} matches no image files ({len(matches)} match(es) in all; images are "
+                                f"{', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        return images
     if not p.exists():
         raise FinetuneError(f"{key}={p} does not exist; pass an image file or a folder of images.")
     if p.is_file():
