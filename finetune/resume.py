@@ -60,7 +60,7 @@ def run_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     typed = _typed_keys(cfg)
     changed = sorted(k for k in set(user_flat) | set(saved_flat)
                      if k not in ("run_dir", "resume") and typed(k) and user_flat.get(k, _ABSENT) != saved_flat.get(k, _ABSENT))
-    refused = [k for k in changed if k not in RESUME_SAFE_KEYS]
+    refused = [k for k in changed if k not in RESUME_SAFE_KEYS] + _length_bound_schedule(changed, saved)
     if refused:
         def show(flat, k):
             value = flat.get(k, _ABSENT)
@@ -69,7 +69,11 @@ def run_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
             f"resume={resume} continues the run in {source} with the config it was trained with "
             f"({source / 'config.yaml'}), and these overrides would change it: "
             + "; ".join(f"{k}={show(user_flat, k)} (the run has {show(saved_flat, k)})" for k in refused)
-            + f". A resume may change only {', '.join(RESUME_SAFE_KEYS)}. Drop the others, or train a new run "
+            + f". A resume may change only {', '.join(RESUME_SAFE_KEYS)}"
+            + (f", and not the run's length with scheduler {saved.scheduler._target_.rsplit('.', 1)[-1]}, whose "
+               "annealing was fitted to it and is restored from the checkpoint"
+               if _length_bound_schedule(refused, saved) else "")
+            + ". Drop the others, or train a new run "
             f"with them (another run_dir). Nothing in {source} was changed."
         )
     merged = OmegaConf.create(OmegaConf.to_container(saved, resolve=False))
@@ -87,6 +91,19 @@ def run_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     OmegaConf.set_struct(merged, True)
     log.info("Resuming the run in %s with its config.yaml%s", source, f", continued in {run_dir}" if run_dir != source else "")
     return merged, run_dir
+
+
+# Schedules fitted to the run's length when they are built (their state, T_max or total_steps, is restored
+# from the checkpoint): a longer or shorter run would restart the cosine, or step past one-cycle's end.
+LENGTH_BOUND_SCHEDULES = ("CosineAnnealingLR", "OneCycleLR")
+
+
+def _length_bound_schedule(changed: list[str], saved: DictConfig) -> list[str]:
+    """The run-length keys among ``changed`` when the run's schedule was fitted to its length."""
+    target = str(OmegaConf.select(saved, "scheduler._target_", default="") or "")
+    if not target.endswith(LENGTH_BOUND_SCHEDULES):
+        return []
+    return [k for k in changed if k in ("trainer.max_epochs", "trainer.max_steps")]
 
 
 def _explaining_interpolations(cfg: DictConfig, saved: DictConfig, saved_flat: dict[str, Any]) -> dict[str, str]:
@@ -179,6 +196,12 @@ def resume_checkpoint(resume: str | None) -> str | None:
             log.warning("resume=%s: the run stopped before its first epoch ended (no %s); starting it again in %s "
                         "with its config.yaml", resume, path, folder)
             return None
+        if not path.exists():
+            raise FinetuneError(
+                f"resume={resume}: the run has no {path.relative_to(folder)} to continue from (the last_checkpoint "
+                f"callback was removed, or the run was not started by finetune). Train it again with "
+                f"run_dir=ANOTHER_FOLDER, or resume from one of its checkpoints: resume={folder}/checkpoints/FILE.ckpt."
+            )
     return str(path)
 
 

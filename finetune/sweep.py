@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,10 @@ def write_summary(sweep_dir: Path, monitor: str, mode: str) -> tuple[Path, str]:
         best = done[0]
         best_line = f"Best: job {best['job']} ({monitor}={fmt(best.get(monitor))}): {' '.join(best['overrides'])}"
         lines += ["", best_line, f"Summary: {path}"]
+    failed = [r["job"] for r in rows if r["status"] != "done"]
+    if failed:
+        lines += ["", (f"{len(failed)} of {len(rows)} jobs failed (job {', '.join(failed)}): their errors are in the "
+                       f"log above and in {sweep_dir}/<job>/")]
     return path, "\n".join(lines)
 
 
@@ -93,3 +98,5 @@ class SweepSummary(Callback):
             return
         _, table = write_summary(sweep_dir, str(config.get("monitor", "val/acc")), str(config.get("monitor_mode", "max")))
         print("\n" + table)
+        if " jobs failed (job " in table:
+            sys.exit(2)  # the sweep went on past its failed jobs; the exit status still says some failed

@@ -3,6 +3,7 @@ traceback) or the right result, never a silent no-op, a lost file or a Python tr
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -321,3 +322,20 @@ def test_policy_thresholds_and_patience_are_checked(tmp_path, key, message):
 def test_run_without_checkpoint_callbacks_is_warned(images, caplog):
     validate_train_config(_train_cfg(images, "~callbacks.model_checkpoint", "~callbacks.last_checkpoint"))
     assert "this run saves no weights" in caplog.text
+
+
+def test_one_bad_job_does_not_stop_a_sweep(tmp_path):
+    """`-m optimizer.lr=-1,1e-3`: the bad job is refused and marked failed, the good one still trains, and
+    the exit status says a job failed (it used to end the sweep at the first bad job)."""
+    root = tmp_path / "images"
+    for i, kind in enumerate(CLASSES):
+        write_images(root / kind, kind, 6, seed=i)
+    result = run_cli("finetune", "-m", "optimizer.lr=-1,1e-3", f"data.root={root}", *FAST, "policy=full",
+                     "report=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "This sweep job failed" in result.stdout + result.stderr and "optimizer.lr=-1" in result.stdout + result.stderr
+    assert "1 of 2 jobs failed (job 0)" in result.stdout
+    with open(tmp_path / "sweep" / "sweep_summary.csv") as f:
+        rows = {row["job"]: row for row in csv.DictReader(f)}
+    assert rows["0"]["status"] == "failed" and rows["1"]["status"] == "done"

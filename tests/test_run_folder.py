@@ -250,3 +250,31 @@ def test_ctrl_c_during_training_says_how_to_resume(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr),
                       f"Interrupted; continue with: finetune resume={run}", code=130)
+
+
+def test_resume_refuses_a_new_length_for_a_schedule_fitted_to_the_old_one(class_folders, fast_cfg, tmp_path):
+    """Cosine's T_max (and one-cycle's total_steps) come back from the checkpoint: training longer would
+    climb the cosine back up, or step past one-cycle's end; a plateau run may be extended."""
+    run = tmp_path / "run"
+    train(fast_cfg(class_folders, "policy=full", "scheduler=cosine"))
+    before = snapshot(run)
+    with pytest.raises(FinetuneError) as caught:
+        train(make_cfg([f"resume={run}", "trainer.max_epochs=3"]))
+    message = str(caught.value)
+    assert "trainer.max_epochs=3 (the run has 1)" in message and "CosineAnnealingLR" in message
+    assert snapshot(run) == before
+
+
+def test_resume_of_a_run_without_last_ckpt_says_why(class_folders, fast_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(fast_cfg(class_folders, *PROBE, "~callbacks.last_checkpoint"))
+    with pytest.raises(FinetuneError, match="has no checkpoints/last.ckpt to continue from"):
+        train(make_cfg([f"resume={run}", "trainer.max_epochs=2"]))
+
+
+def test_an_open_ended_run_with_plateau_and_warmup_trains_to_max_steps(class_folders, fast_cfg):
+    """trainer.max_epochs=-1 (Lightning: no epoch limit) bounded by max_steps: Lightning leaves the batch
+    count unknown there, which made the scheduler setup fail with an OverflowError."""
+    metrics = train(fast_cfg(class_folders, "policy=full", "trainer.max_epochs=-1", "trainer.max_steps=6",
+                             "scheduler.warmup_epochs=1"))
+    assert metrics["epochs"] >= 1 and "val/acc" in metrics

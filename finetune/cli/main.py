@@ -236,6 +236,13 @@ def _config_errors_exit_2(main: Callable[..., Any]) -> Callable[..., Any]:
     return entry
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @_config_errors_exit_2
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @report_errors
@@ -244,7 +251,15 @@ def train_main(cfg: DictConfig) -> float | None:
 
     from finetune.train import train
 
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except FinetuneError as e:
+        if not _in_multirun():
+            raise
+        # One bad job of a sweep (`-m optimizer.lr=1e-3,bad`) must not stop the others: it is logged, marked
+        # failed in sweep_summary.csv, and scored NaN (sweepers such as Optuna record a failed trial).
+        logging.getLogger("finetune").error("This sweep job failed; the sweep goes on: %s", e)
+        return float("nan")
     if rank_zero_only.rank == 0:  # under DDP every rank runs this; the run folder is one
         print(f"Run folder: {metrics['run_dir']}")
     value = metrics.get(cfg.monitor)

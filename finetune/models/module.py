@@ -6,6 +6,7 @@ preprocessing) under ``checkpoint["finetune"]``, as plain data that weights-only
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -201,7 +202,11 @@ class ImageClassifier(L.LightningModule):
         warmup_start_factor = float(options.pop("warmup_start_factor", 0.1))
         if self.scheduler_factory is None and warmup_epochs == 0:
             return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches)  # also loads the train dataloader
+        total_steps = self.trainer.estimated_stepping_batches  # also loads the train dataloader...
+        if math.isinf(self.trainer.num_training_batches):  # ...except with max_epochs=-1, where Lightning returns early
+            self.trainer.fit_loop.setup_data()
+        # No length (max_epochs=-1): only schedules that need none get here (config.py refuses the others).
+        total_steps = int(total_steps) if math.isfinite(total_steps) else 0
         steps_per_epoch = max(1, -(-int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches))
         schedulers = build_lr_schedulers(optimizer, self.scheduler_factory, options, warmup_epochs,
                                          warmup_start_factor, steps_per_epoch, total_steps)
