@@ -66,7 +66,7 @@ def test_evaluate_named_split(trained, tmp_path):
     assert metrics["split"] == "val" and metrics["images"] == 12
     assert abs(metrics["acc"] - saved["val/acc"]) <= 1e-6
     with pytest.raises(FinetuneError, match="split=validation"):
-        evaluate(_eval_cfg(trained["ckpt"], trained["root"], tmp_path / "e", "split=validation"))
+        evaluate(_eval_cfg(trained["ckpt"], trained["root"], tmp_path / "e2", "split=validation"))
 
 
 def test_predict_writes_topk_csv(trained, tmp_path):
