@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,12 @@ def fast_cfg(tmp_path: Path):
         return make_cfg([f"data.root={root}", f"run_dir={run}", *FAST, *extra])
 
     return _make
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    """A CSV data set (or a broken one) with exactly these rows."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASSES, write_images
+from conftest import CLASSES, write_csv, write_images
 from PIL import Image
 
 from finetune.data.datasets import scan_dataset, stratified_split
@@ -86,13 +85,6 @@ def test_split_folders_without_val_carve_it_from_train(tmp_path):
     assert _paths(index.splits["test"]) == {str(p.resolve()) for p in (root / "test").rglob("*.png")}
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
-
 
 def test_csv_paths_are_relative_to_the_csv_folder(tmp_path, monkeypatch):
     data = tmp_path / "dataset"
@@ -100,7 +92,7 @@ def test_csv_paths_are_relative_to_the_csv_folder(tmp_path, monkeypatch):
     for i, kind in enumerate(CLASSES):
         for p in write_images(data / "pics" / f"group{i}", kind, 5, seed=i):
             rows.append([str(p.relative_to(data)), kind])
-    csv_path = _write_csv(data / "labels.csv", ["path", "label"], rows)
+    csv_path = write_csv(data / "labels.csv", ["path", "label"], rows)
     monkeypatch.chdir(tmp_path)  # the CSV's folder, not the working directory, anchors the paths
 
     index = scan_dataset(csv_path, val_fraction=0.4, test_fraction=0.0, seed=1)
@@ -119,7 +111,7 @@ def test_csv_split_column(tmp_path):
             split = ["train", "", "training", "val", "valid", " TEST "][j]  # '' = train; aliases; any case
             path = str(p) if j % 2 else f"{kind}/{p.name}"  # absolute, or relative to the CSV's folder
             rows.append([path, kind, split])
-    csv_path = _write_csv(tmp_path / "all.csv", ["path", "label", "split"], rows)
+    csv_path = write_csv(tmp_path / "all.csv", ["path", "label", "split"], rows)
     index = scan_dataset(csv_path, val_fraction=0.9, test_fraction=0.9, seed=0)  # present splits win
     assert index.counts() == {
         "train": {c: 3 for c in CLASSES},

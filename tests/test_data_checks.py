@@ -5,7 +5,6 @@ symlinks, FIFOs and messy CSVs. Everything is reported by path; nothing is dropp
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLASSES, write_images
+from conftest import CLASSES, write_csv, write_images
 
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.datasets import scan_dataset
@@ -31,13 +30,6 @@ PP = Preprocessing(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), int
 def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
-
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def _images(root: Path, n: int = 6) -> dict[str, list[Path]]:
@@ -57,7 +49,7 @@ def _kinds(problems) -> dict[str, list[str]]:
 def test_csv_with_every_row_twice_trains_each_image_once_and_reports_it(tmp_path, fast_cfg):
     images = _images(tmp_path / "pics")
     rows = [[str(p), kind] for kind, paths in images.items() for p in paths]
-    csv_path = _write_csv(tmp_path / "labels.csv", ["path", "label"], rows + rows)
+    csv_path = write_csv(tmp_path / "labels.csv", ["path", "label"], rows + rows)
     metrics = train(fast_cfg(csv_path, "policy=linear_probe", "data.val_fraction=0.34", run_dir=tmp_path / "run"))
 
     index = scan_dataset(csv_path, val_fraction=0.34, seed=0)
@@ -78,7 +70,7 @@ def test_csv_image_with_two_labels_is_left_out_under_skip_and_stops_under_error(
     rows = [[str(p), kind] for kind, paths in images.items() for p in paths]
     contradictory = images["circle"][0]
     rows.append([str(contradictory), "square"])
-    csv_path = _write_csv(tmp_path / "labels.csv", ["path", "label"], rows)
+    csv_path = write_csv(tmp_path / "labels.csv", ["path", "label"], rows)
     index = scan_dataset(csv_path, val_fraction=0.0)
     assert str(contradictory.resolve()) not in {p for p, _ in index.splits["train"]}
 
@@ -98,7 +90,7 @@ def test_csv_same_path_in_train_and_val_is_reported_as_leakage(tmp_path):
     rows = [[str(p), kind, "train" if i < 4 else "val"] for kind, paths in images.items() for i, p in enumerate(paths)]
     leaked = images["stripes"][0]
     rows.append([str(leaked), "stripes", "val"])
-    csv_path = _write_csv(tmp_path / "labels.csv", ["path", "label", "split"], rows)
+    csv_path = write_csv(tmp_path / "labels.csv", ["path", "label", "split"], rows)
     _, report = validate_dataset(scan_dataset(csv_path))
     (problem,) = [p for p in report.problems if p["path"] == str(leaked.resolve())]
     assert problem["kind"] == "duplicate_across_splits" and problem["split"] == "train, val"
@@ -319,7 +311,7 @@ def test_labels_that_differ_only_in_case_or_spacing_are_reported(tmp_path):
     images = _images(tmp_path, 2)
     rows = [[str(p), {"circle": "Cat", "square": " cat_ ", "stripes": "dog"}[kind]]
             for kind, paths in images.items() for p in paths]
-    index = scan_dataset(_write_csv(tmp_path / "l.csv", ["path", "label"], rows), val_fraction=0)
+    index = scan_dataset(write_csv(tmp_path / "l.csv", ["path", "label"], rows), val_fraction=0)
     assert index.classes == ["Cat", "cat_", "dog"]  # spaces around a label are stripped; the rest is kept
     _, report = validate_dataset(index)
     (similar,) = [p for p in report.problems if p["kind"] == "similar_class_names"]
