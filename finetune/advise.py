@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import validate_train_config
-from finetune.data.datasets import scan_dataset
+from finetune.data.datasets import scan_configured
 from finetune.data.transforms import resolve_preprocessing
 from finetune.models.backbone import check_backbone_name, load_pretrained
 from finetune.policy.choose import choose_policy, format_policy_block
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def advise(cfg: DictConfig) -> dict[str, Any]:
     validate_train_config(cfg)  # the same checks as training: a typo fails here, not after the measurement
     check_backbone_name(cfg.model.backbone)
-    index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    index = scan_configured(cfg)
     backbone, _, pretrained_head = load_pretrained(cfg.model.backbone, cfg.model.weights, **OmegaConf.to_container(cfg.model.kwargs))
     preprocessing = resolve_preprocessing(backbone, cfg.data)
     index, _ = checked_index(index, cfg, preprocessing.image_size)  # measure on the files training would use

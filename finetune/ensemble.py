@@ -15,13 +15,12 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune.config import resolve_run_dir
-from finetune.data.datasets import scan_dataset
+from finetune.data.datasets import scan_configured
 from finetune.errors import FinetuneError, TrainingInterrupted
 from finetune.inference import ENSEMBLE_FILE
 from finetune.prepare import checked_index
 from finetune.resume import with_values
-from finetune.run_files import write_json, write_text
+from finetune.run_files import resolve_run_dir, write_json, write_text
 from finetune.scoring import flat, score_checkpoints, summary
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ def train_ensemble(cfg: DictConfig, train_member: Callable[[DictConfig], dict[st
     ``train_member``: train.train_single, which trains one member."""
     run_dir = resolve_run_dir(cfg)
     size = int(cfg.ensemble.size)
-    if not cfg.get("resume") and rank_zero_only.rank == 0:  # what resume=RUN continues with, if this stops
+    if not cfg.resume and rank_zero_only.rank == 0:  # what resume=RUN continues with, if this stops
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     members = []
     for k in range(size):
@@ -46,7 +45,7 @@ def train_ensemble(cfg: DictConfig, train_member: Callable[[DictConfig], dict[st
         else:
             log.info("Ensemble member %d/%d (seed %d) -> %s", k + 1, size, cfg.seed + k, member_dir)
             member_cfg = with_values(cfg, {"seed": int(cfg.seed) + k, "run_dir": str(member_dir), "ensemble.size": 1,
-                                           "resume": str(member_dir) if cfg.get("resume") and (member_dir / "checkpoints" / "last.ckpt").is_file() else None})
+                                           "resume": str(member_dir) if cfg.resume and (member_dir / "checkpoints" / "last.ckpt").is_file() else None})
             try:
                 result = train_member(member_cfg)
             except TrainingInterrupted:
@@ -58,8 +57,7 @@ def train_ensemble(cfg: DictConfig, train_member: Callable[[DictConfig], dict[st
         members.append({"seed": int(cfg.seed) + k, "run_dir": str(member_dir), "checkpoint": checkpoint,
                         **{key: result[key] for key in ("val/acc", "test/acc") if key in result}})
     # The members' own index: the same scan, without the files their data check skipped (cached: instant).
-    index, _ = checked_index(scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction,
-                                          cfg.data.split_seed), cfg)
+    index, _ = checked_index(scan_configured(cfg), cfg)
     scores = score_checkpoints([m["checkpoint"] for m in members], index, list(cfg.tta), cfg)
     metrics: dict[str, Any] = {
         **flat(scores),
@@ -82,7 +80,7 @@ def train_ensemble(cfg: DictConfig, train_member: Callable[[DictConfig], dict[st
 
 def member_finished(member_dir: Path, cfg: DictConfig) -> bool:
     """An ensemble member's metrics.json is final unless a resume asks for more epochs than it trained for."""
-    if not cfg.get("resume"):
+    if not cfg.resume:
         return True
     try:
         trained_for = OmegaConf.load(member_dir / "config.yaml").trainer.max_epochs

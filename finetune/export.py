@@ -66,9 +66,9 @@ def sample_inputs(loaded: LoadedCheckpoint, images: list[Any], dtype: str) -> to
     """Real images cropped the evaluation way, as the exported model's raw input."""
     import albumentations as A
 
-    pp = loaded.preprocessing
-    crop = A.Compose([A.SmallestMaxSize(max_size=pp.resize_size, interpolation=pp.cv2_interpolation),
-                      A.CenterCrop(height=pp.image_size, width=pp.image_size)])
+    from finetune.data.transforms import eval_crop
+
+    crop = A.Compose(eval_crop(loaded.preprocessing))
     batch = torch.stack([torch.from_numpy(crop(image=im)["image"]).permute(2, 0, 1) for im in images])
     return batch if dtype == "uint8" else batch.float() / 255.0
 

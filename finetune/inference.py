@@ -13,18 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
 from torch.utils.data import DataLoader
 
-from finetune.config import check_known_keys, resolve_run_dir
+from finetune.config import check_known_keys
 from finetune.data.datamodule import ImageListDataset, decode_side
 from finetune.data.datasets import IMAGE_EXTENSIONS, DatasetIndex, scan_dataset, scan_inputs
 from finetune.data.images import BadImageError
 from finetune.data.transforms import eval_transform
+from finetune.data.tta import check_tta, tta_batches
 from finetune.errors import FinetuneError, close_matches
 from finetune.models.checkpoint import LoadedCheckpoint, load_classifier, read_checkpoint
-from finetune.run_files import check_output, readable, write_output
+from finetune.run_files import check_output, readable, resolve_run_dir, write_output
 
 log = logging.getLogger(__name__)
 
@@ -38,37 +38,6 @@ def _split_to_score(index: DatasetIndex, split: str) -> str:
     if split not in index.splits:
         raise FinetuneError(f"split={split} does not exist under data.root={index.root}; it has {', '.join(index.splits)}.")
     return split
-
-
-TTA_VIEWS = ("hflip", "vflip", "five_crop")
-
-
-def check_tta(tta: Any, key: str = "tta") -> list[str]:
-    """The views as a list; ``tta=hflip`` (one name, no brackets) is read as ``tta=[hflip]``."""
-    views = [str(tta)] if isinstance(tta, str) and tta else [str(v) for v in (tta or [])]
-    for view in views:
-        if view not in TTA_VIEWS:
-            raise FinetuneError(f"{key}: '{view}' is not a test-time view; choose from {', '.join(TTA_VIEWS)}.{close_matches(view, TTA_VIEWS)}")
-    if len(set(views)) < len(views):  # each view is used once: tta=[hflip,hflip] is not a weight
-        log.warning("%s lists a view twice (%s); each view is used once.", key, ",".join(views))
-        views = list(dict.fromkeys(views))
-    return views
-
-
-def tta_batches(x: torch.Tensor, views: Sequence[str]) -> list[torch.Tensor]:
-    """The batch itself and its test-time views (same size, already normalised)."""
-    out = [x]
-    if "hflip" in views:
-        out.append(x.flip(-1))
-    if "vflip" in views:
-        out.append(x.flip(-2))
-    if "five_crop" in views:
-        h, w = x.shape[-2:]
-        ch, cw = max(1, round(h * 0.875)), max(1, round(w * 0.875))
-        top, left = (h - ch) // 2, (w - cw) // 2
-        for i, j in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), (top, left)):
-            out.append(F.interpolate(x[..., i:i + ch, j:j + cw], size=(h, w), mode="bilinear", align_corners=False))
-    return out
 
 
 def resolve_members(ckpt: Any, key: str = "ckpt") -> list[str]:
@@ -240,7 +209,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     try:
         return _evaluate(cfg)
     except BaseException:
-        if not cfg.get("run_dir"):
+        if not cfg.run_dir:
             _remove_empty_default_folder()
         raise
 
@@ -263,7 +232,7 @@ def _remove_empty_default_folder() -> None:
 
 def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_known_keys(cfg, "eval")
-    tta = check_tta(cfg.get("tta"))
+    tta = check_tta(cfg.tta)
     batch_size = _positive_int(cfg.data.batch_size, "data.batch_size")
     if isinstance(cfg.data.num_workers, bool) or not isinstance(cfg.data.num_workers, int) or cfg.data.num_workers < 0:
         raise FinetuneError(f"data.num_workers={cfg.data.num_workers} must be 0 (load in this process) or a positive integer.")
@@ -272,11 +241,11 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     try:
         run_dir = resolve_run_dir(cfg, purpose="finetune-eval writes eval_metrics.json there")
     except OSError as e:
-        raise FinetuneError(f"run_dir={cfg.get('run_dir')} cannot be created: {e.strerror or e} ({e.filename}). "
+        raise FinetuneError(f"run_dir={cfg.run_dir} cannot be created: {e.strerror or e} ({e.filename}). "
                             f"Choose another run_dir.") from None
     output = run_dir / "eval_metrics.json"
-    if output.is_file() and not cfg.get("overwrite"):
-        raise FinetuneError(f"run_dir={cfg.get('run_dir') or run_dir} already holds an eval_metrics.json (an earlier evaluation); pass "
+    if output.is_file() and not cfg.overwrite:
+        raise FinetuneError(f"run_dir={cfg.run_dir or run_dir} already holds an eval_metrics.json (an earlier evaluation); pass "
                             f"overwrite=true to replace it, or choose another run_dir.")
     output = check_output(output, _checkpoint_inputs(cfg.ckpt, resolve_members(cfg.ckpt)), overwrite=True,
                           key="run_dir")
@@ -304,7 +273,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         **scores,
         "skipped": [{"path": path, "error": why} for path, why in skipped.items()],
     }
-    write_output(output, json.dumps(metrics, indent=2) + "\n", key="run_dir", overwrite=bool(cfg.get("overwrite")))
+    write_output(output, json.dumps(metrics, indent=2) + "\n", key="run_dir", overwrite=bool(cfg.overwrite))
     what = f"ensemble of {len(members)}" if len(members) > 1 else "checkpoint"
     extra = f" (members {', '.join(f'{a:.4f}' for a in scores['member_acc'])})" if len(members) > 1 else ""
     print(f"Accuracy {metrics['acc']:.4f}, loss {metrics['loss']:.4f} on {len(samples)} images "
@@ -330,13 +299,13 @@ def predict(cfg: DictConfig) -> Path:
     its ``error``, and is listed on the console; the rest are predicted. Everything that can be checked
     without the model (options, inputs, the output's location) is checked before it is loaded."""
     check_known_keys(cfg, "predict")
-    tta = check_tta(cfg.get("tta"))
+    tta = check_tta(cfg.tta)
     topk = _positive_int(cfg.topk, "topk")
     batch_size = _positive_int(cfg.batch_size, "batch_size")
     device = _checked_device(cfg.accelerator)
     paths, reads = _scan_input_list(cfg.input)
     output = check_output(cfg.output, _checkpoint_inputs(cfg.ckpt, resolve_members(cfg.ckpt)) + reads,
-                          overwrite=bool(cfg.get("overwrite")))
+                          overwrite=bool(cfg.overwrite))
     if output.suffix.lower() in IMAGE_EXTENSIONS | {".ckpt"}:
         raise FinetuneError(f"output={cfg.output} names an image or checkpoint file, but predictions are a CSV "
                             f"file; name it e.g. output=predictions.csv.")
@@ -358,7 +327,7 @@ def predict(cfg: DictConfig) -> Path:
             continue
         ranked = [x for i, v in zip(indices, values) for x in (classes[i], f"{v:.6f}")]
         rows.append([path, ranked[0], ranked[1], *ranked, ""])
-    write_output(output, _to_csv(rows), overwrite=bool(cfg.get("overwrite")))
+    write_output(output, _to_csv(rows), overwrite=bool(cfg.overwrite))
     if skipped:
         _report_skipped(skipped, f"input={cfg.input}", len(paths))
     print(f"Predicted {len(paths) - len(skipped)} image(s) -> {output.resolve()}"

@@ -17,14 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import build_optimizer_and_scheduler
 from finetune.data.datamodule import ImageDataModule
-from finetune.data.datasets import DatasetIndex, scan_dataset
+from finetune.data.datasets import DatasetIndex, scan_configured
+from finetune.data.feature_cache import CachedFeatureDataModule
 from finetune.data.mixing import build_batch_mixer
 from finetune.data.transforms import resolve_preprocessing
 from finetune.data.validate import validate_dataset
 from finetune.distributed import decision_of_rank_zero, distributed_run_id
 from finetune.models.backbone import BackboneSpec, attach_head, load_pretrained
-from finetune.models.module import ImageClassifier
-from finetune.policy.cache import CachedFeatureDataModule, lbfgs_head_note, warm_start_head
+from finetune.models.heads import lbfgs_head_note, warm_start_head
+from finetune.models.module import FeatureHeadClassifier, ImageClassifier, Recipe
 from finetune.policy.choose import choose_policy, format_policy_block
 from finetune.policy.stages import build_stage_map
 from finetune.recipe.regularization import Regularization
@@ -55,7 +56,7 @@ class Prepared:
 def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularization: Regularization,
                 resumed: ResumePoint | None, resume: str | None) -> Prepared:
     """Data (scanned and checked), backbone, preprocessing, policy decision, model and datamodule."""
-    index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    index = scan_configured(cfg)
     log.info("Dataset: %s", index.summary())
     kwargs = regularization.model_kwargs(OmegaConf.to_container(cfg.model.kwargs))
     backbone, weight_source, pretrained_head = load_pretrained(cfg.model.backbone, cfg.model.weights, **kwargs)
@@ -129,24 +130,22 @@ def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, 
     )
     optimizer, scheduler, scheduler_options = build_optimizer_and_scheduler(cfg)
     mixer = build_batch_mixer(augment, len(index.classes))  # MixUp / CutMix mix images: not cached features
-    if cfg.model.get("channels_last", False):
+    if cfg.model.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    if cfg.model.get("compile", False):
+    if cfg.model.compile:
         net.compile()  # in place: parameter names (and so checkpoints) stay the same
-    module = ImageClassifier(
-        net, spec, index.classes, preprocessing, optimizer, scheduler, scheduler_options,
-        regularization=regularization, plan=plan, stage_map=stage_map, frozen_bn_eval=bool(policy_cfg.get("frozen_bn_eval", True)),
-        inputs_are_features=use_cache, head_solver=head_solver,
-        batch_mixer=None if use_cache else mixer,
-        lr_scaling=str(cfg.lr_scaling), channels_last=bool(cfg.model.get("channels_last", False)),
-        head_l2=float(policy_cfg.get("head_l2", 0.0)),
-        eval_stage="train_eval" if no_validation else "val",
-    )
-    views = int(policy_cfg.get("cache_views", 0) or 0) if augment_is_active(augment) else 0
-    data = CachedFeatureDataModule(datamodule, net, full_batch=module.head_solver == "lbfgs", augment=augment,
+    recipe = Recipe(optimizer, scheduler, scheduler_options, lr_scaling=str(cfg.lr_scaling),
+                    batch_mixer=None if use_cache else mixer, channels_last=bool(cfg.model.channels_last),
+                    frozen_bn_eval=bool(policy_cfg["frozen_bn_eval"]),
+                    eval_stage="train_eval" if no_validation else "val",
+                    head_solver=head_solver, head_l2=float(policy_cfg["head_l2"]))
+    kind = FeatureHeadClassifier if use_cache else ImageClassifier  # on cached features, or on images
+    module = kind(net, spec, index.classes, preprocessing, recipe, regularization, plan, stage_map)
+    views = int(policy_cfg["cache_views"] or 0) if augment_is_active(augment) else 0
+    data = CachedFeatureDataModule(datamodule, net, full_batch=head_solver == "lbfgs", augment=augment,
                                    augmented_views=views) if use_cache else datamodule
-    if not use_cache and "head" in plan.unfreeze_at and bool(policy_cfg.get("head_warm_start", False)) and not resume:
-        warm_start_head(net, datamodule, float(policy_cfg.get("head_l2", 0.0)))
+    if not use_cache and "head" in plan.unfreeze_at and bool(policy_cfg["head_warm_start"]) and not resume:
+        warm_start_head(net, datamodule, float(policy_cfg["head_l2"]))
     return module, data, mixer
 
 
@@ -160,7 +159,7 @@ def feature_cache_plan(cfg: DictConfig, policy_cfg: dict[str, Any], plan, augmen
                        regularization: Regularization) -> tuple[bool, str, str]:
     """(cache frozen features?, why, the head's solver): see ``cache_decision``."""
     use_cache, cache_note = cache_decision(policy_cfg, plan, augment, regularization)
-    head_solver = str(policy_cfg.get("head_solver", "lbfgs"))
+    head_solver = str(policy_cfg["head_solver"])
     if use_cache and head_solver == "lbfgs" and (regularization.dropout > 0 or regularization.drop_connect > 0):
         head_solver = "optimizer"  # random masks would make L-BFGS's line search see a different loss each call
         cache_note += "; the head trains with the configured optimizer (dropout/DropConnect are random per step, which L-BFGS cannot use)"
@@ -170,7 +169,7 @@ def feature_cache_plan(cfg: DictConfig, policy_cfg: dict[str, Any], plan, augmen
 
 
 def augment_is_active(augment: dict[str, Any] | None) -> bool:
-    return bool(augment) and (augment.get("crop", "center") != "center" or bool(augment.get("transforms")))
+    return bool(augment) and (augment["crop"] != "center" or bool(augment["transforms"]))
 
 
 def cache_decision(policy_cfg: dict[str, Any], plan, augment: dict[str, Any] | None,
@@ -180,10 +179,10 @@ def cache_decision(policy_cfg: dict[str, Any], plan, augment: dict[str, Any] | N
         return False, "not used: layers below the head train, so features change every step"
     if regularization is not None and regularization.pooling != "avg":
         return False, f"not used: regularization.pooling={regularization.pooling} draws new pooling regions every step"
-    if str(policy_cfg.get("cache", "auto")).lower() in ("false", "off", "no"):
+    if str(policy_cfg["cache"]).lower() in ("false", "off", "no"):
         return False, "off (policy.cache=false): the head trains through the frozen network every epoch"
     if augment_is_active(augment):
-        views = int(policy_cfg.get("cache_views", 0) or 0)
+        views = int(policy_cfg["cache_views"] or 0)
         if views > 0:
             return True, (f"used: only the head trains, so the frozen network runs once over the data, plus {views} "
                           f"augmented views of every training image (policy.cache_views) with the configured augmentation")
@@ -197,7 +196,7 @@ def cache_decision(policy_cfg: dict[str, Any], plan, augment: dict[str, Any] | N
 
 def checked_index(index, cfg: DictConfig, input_size: int | None = None):
     """The index without the files the data check leaves out, and the check's report (None when off)."""
-    if not cfg.data.get("validate", True):
+    if not cfg.data.validate:
         return index, None
     return validate_dataset(index, str(cfg.data.on_bad_file), int(cfg.data.min_image_side), input_size,
                             float(cfg.data.imbalance_ratio))
@@ -236,7 +235,7 @@ def without_validation(index, cfg: DictConfig, trainer: L.Trainer):
     trainer.callbacks = [c for c in trainer.callbacks if c not in watching]
     names = {"ModelCheckpoint": "best.ckpt", "EarlyStopping": "early stopping"}
     off = [f"{names.get(type(c).__name__, type(c).__name__)} ({c.monitor})" for c in watching]
-    plateau = str(cfg.scheduler.get("monitor") or "") if cfg.scheduler.get("_target_") else ""
+    plateau = str(cfg.scheduler.get("monitor") or "") if cfg.scheduler._target_ else ""  # monitor: plateau.yaml only
     plateau = plateau.split("/", 1)[1] if plateau.startswith("val/") else ""
     folder = {"csv": f"rows with split=val in {index.root}",
               "split_folders": f"a val folder ({index.root}/val/<class>/..., beside train/)"}.get(

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.conf import preset
 from finetune.data.datamodule import decode_side
 from finetune.data.datasets import DatasetIndex
 from finetune.data.images import BadImageError, load_image
@@ -144,12 +145,12 @@ def image_format(path: str | Path) -> str:
 
 
 def _describe(augment: Mapping[str, Any] | None) -> Sequence[str]:
-    augment = augment or {}
-    parts = [f"crop={augment.get('crop', 'center')}"]
-    for item in augment.get("transforms") or []:
+    augment = {**preset("augment", "none"), **(augment or {})}  # None: no augmentation
+    parts = [f"crop={augment['crop']}"]
+    for item in augment["transforms"] or []:
         parts.append(next(iter(item)) if isinstance(item, Mapping) else str(item))
     for key in ("mixup_alpha", "cutmix_alpha"):
-        if float(augment.get(key, 0) or 0) > 0:
+        if float(augment[key] or 0) > 0:
             parts.append(f"{key.split('_')[0]}={augment[key]}")
     return parts
 
@@ -170,7 +171,7 @@ def preview(cfg) -> Path:
     from omegaconf import OmegaConf
 
     from finetune.config import check_known_keys
-    from finetune.data.datasets import scan_dataset
+    from finetune.data.datasets import scan_configured
     from finetune.data.transforms import resolve_preprocessing
     from finetune.models.backbone import check_backbone_name
     from finetune.run_files import check_output
@@ -182,11 +183,11 @@ def preview(cfg) -> Path:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
         raise FinetuneError(f"seed={cfg.seed} must be a whole number in [0, 4294967295].")
     check_backbone_name(cfg.model.backbone)
-    index = scan_dataset(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    index = scan_configured(cfg)
     # Never an input (data.root, its CSV, an image), an existing file only with overwrite=true; checked before drawing.
     inputs = [("data.root", str(cfg.data.root))] + [
         ("an input image", path) for samples in index.splits.values() for path, _ in samples]
-    path = check_output(preview_path(cfg), inputs, overwrite=bool(cfg.get("overwrite")))
+    path = check_output(preview_path(cfg), inputs, overwrite=bool(cfg.overwrite))
     if path.suffix and path.suffix.lower().lstrip(".") not in IMAGE_FORMATS:
         raise FinetuneError(f"output={cfg.output}: the preview cannot be written as {path.suffix}; name it .png "
                             f"(or {', '.join('.' + f for f in IMAGE_FORMATS[1:])}).")
@@ -196,6 +197,6 @@ def preview(cfg) -> Path:
     pp = resolve_preprocessing(model, cfg.data)
     out = write_preview(index, pp, OmegaConf.to_container(cfg.augment, resolve=True), path,
                         rows=int(cfg.rows), draws=int(cfg.draws), seed=int(cfg.seed),
-                        overwrite=bool(cfg.get("overwrite")))
+                        overwrite=bool(cfg.overwrite))
     print(f"Preview of {len(index.splits['train'])} training images' pipeline -> {out.resolve()}")
     return out

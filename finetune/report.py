@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from finetune.conf import preset
 from finetune.data.datamodule import decode_side
 from finetune.data.images import load_image
 from finetune.data.transforms import eval_transform
@@ -276,13 +277,14 @@ def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[
 
     sched = {k: v for k, v in dict(cfg.scheduler).items() if k not in ("_partial_",)}
     opt = {k: v for k, v in dict(cfg.optimizer).items() if k not in ("_partial_",)}
-    reg = {k: v for k, v in metrics.get("regularization", {}).items() if v not in (0, 0.0, "avg", "train")}
+    defaults = preset("regularization", "default")  # what the run changed: the YAML's defaults are not listed
+    reg = {k: v for k, v in metrics.get("regularization", {}).items() if v != defaults.get(k)}
     augment = dict(cfg.augment)
     blocks += [("h", "Recipe"), ("table", ["part", "configuration"], [
         ["optimizer", ", ".join(f"{k}={v}" for k, v in opt.items())],
         ["LR schedule", ", ".join(f"{k}={v}" for k, v in sched.items())],
         ["regularization", ", ".join(f"{k}={v}" for k, v in reg.items()) or "none beyond the optimizer's weight decay"],
-        ["augmentation", f"crop={augment.get('crop')}, transforms={list(augment.get('transforms') or [])}"],
+        ["augmentation", f"crop={augment['crop']}, transforms={list(augment['transforms'] or [])}"],
         ["batch size / epochs", f"{cfg.data.batch_size} / max {cfg.trainer.max_epochs}"],
     ])]
     reductions = metrics.get("lr_reductions") or []

@@ -16,9 +16,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune.config import resolve_run_dir
 from finetune.errors import FinetuneError
-from finetune.run_files import run_folder_of
+from finetune.run_files import resolve_run_dir, run_folder_of
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +40,14 @@ def run_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     config.yaml, in RUN (or in run_dir when one is given: a continued copy), with only the overrides
     in RESUME_SAFE_KEYS applied; others are refused, so nothing typed with a resume is dropped or
     silently changes the run. A checkpoint outside a run folder resumes with ``cfg`` as given."""
-    resume = cfg.get("resume")
+    resume = cfg.resume
     source = run_folder_of(resume)
     if not resume or source is None or not (source / "config.yaml").is_file():
-        run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else source
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else source
         run_dir = resolve_run_dir(with_value(cfg, "run_dir", str(run_dir) if run_dir else None))
         return with_value(cfg, "run_dir", str(run_dir)), run_dir
     source = source.resolve()
-    run_dir = resolve_run_dir(with_value(cfg, "run_dir", str(cfg.run_dir) if cfg.get("run_dir") else str(source)))
+    run_dir = resolve_run_dir(with_value(cfg, "run_dir", str(cfg.run_dir) if cfg.run_dir else str(source)))
     try:
         saved = OmegaConf.load(source / "config.yaml")
         saved_flat = _flatten(OmegaConf.to_container(saved, resolve=False))

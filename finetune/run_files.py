@@ -173,6 +173,39 @@ def is_hydra_fallback(path: Path) -> bool:
     return path.name.startswith(HYDRA_FALLBACK_PREFIX) and path.parent == Path(tempfile.gettempdir())
 
 
+def resolve_run_dir(cfg: Any, purpose: str = "a run writes its checkpoints, logs and report there") -> Path:
+    """cfg.run_dir, else Hydra's output dir, else a fresh outputs/<time> folder (library calls); created.
+    ``purpose`` completes the error message: what the folder is for."""
+    import errno
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune.errors import FinetuneError
+
+    if cfg.get("run_dir"):
+        path = Path(str(cfg.run_dir)).expanduser()
+    elif HydraConfig.initialized():
+        path = Path(HydraConfig.get().runtime.output_dir)
+        if is_hydra_fallback(path):  # the default outputs/<date>/<time> could not be written
+            raise FinetuneError(f"The current folder {Path.cwd()} is not writable, and the run's default folder "
+                                f"(outputs/<date>/<time>) is in it. Pass run_dir=DIR, a folder you can write to.")
+    else:
+        from datetime import datetime
+
+        path = Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+    link = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if link is not None:
+        raise FinetuneError(f"run_dir={path} cannot be created: {link} is a symbolic link to {os.readlink(link)}, "
+                            f"which does not exist. Create that folder, or pass another run_dir.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        what = "a file is in the way" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror or e
+        raise FinetuneError(f"run_dir={path} cannot be created ({what}): {purpose}. Pass run_dir=DIR, a folder you "
+                            f"can write to.") from None
+    return path.resolve()
+
+
 def earlier_run_files(run_dir: Path) -> list[str]:
     """What an earlier run left in ``run_dir`` (names), ignoring what this run's startup wrote there:
     Hydra's .hydra/ and job log (*.log), the lock, and stale temp files."""

@@ -32,7 +32,7 @@ def checkpoint_to_score(cfg: DictConfig, trainer: L.Trainer, lr_trace: LRTrace, 
         last = run_dir / "checkpoints" / "last.ckpt"
         scored = str(last) if last.is_file() else None
         return best, scored, "the last epoch: with no validation split there is nothing to pick an epoch by"
-    scored, why = scoring_checkpoint(str(cfg.get("score_checkpoint", "auto")), trainer, lr_trace, best, run_dir)
+    scored, why = scoring_checkpoint(str(cfg.score_checkpoint), trainer, lr_trace, best, run_dir)
     return best, scored, why
 
 

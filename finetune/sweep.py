@@ -96,7 +96,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        _, table = write_summary(sweep_dir, str(config.get("monitor", "val/acc")), str(config.get("monitor_mode", "max")))
+        _, table = write_summary(sweep_dir, str(config.monitor), str(config.monitor_mode))
         print("\n" + table)
         if " jobs failed (job " in table:
             sys.exit(2)  # the sweep went on past its failed jobs; the exit status still says some failed

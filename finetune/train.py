@@ -22,7 +22,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import instantiate_named, resolve_run_dir, validate_train_config
+from finetune.config import instantiate_named, validate_train_config
 from finetune.ensemble import train_ensemble
 from finetune.errors import FinetuneError, TrainingInterrupted
 from finetune.history import HistoryCSVLogger
@@ -44,6 +44,7 @@ from finetune.run_files import (
     atomic_checkpoint_io,
     earlier_run_files,
     remove_stale_temp_files,
+    resolve_run_dir,
     run_folder_lock,
     run_folder_of,
     write_json,
@@ -59,7 +60,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (``ensemble.size`` > 1: train the members, then score their average).
 
     ``resume=RUN`` (or RUN/checkpoints/x.ckpt) continues RUN with RUN/config.yaml; see ``resume.run_config``."""
-    if cfg.get("resume"):  # the run's own config, checked as a new one would be
+    if cfg.resume:  # the run's own config, checked as a new one would be
         cfg, run_dir = run_config(cfg)
         validate_train_config(cfg)
     else:  # a bad config creates no run folder
@@ -80,7 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _check_fresh_run_folder(cfg: DictConfig, run_dir: Path) -> None:
     """A new run may not write into a folder an earlier run left files in: its checkpoints, logs and
     report would be overwritten or mixed. (What this run's own startup wrote there does not count.)"""
-    source = run_folder_of(cfg.get("resume"))
+    source = run_folder_of(cfg.resume)
     if source is not None and source.resolve() == run_dir:  # resumed in place
         return
     found = earlier_run_files(run_dir)
@@ -95,9 +96,9 @@ def _check_fresh_run_folder(cfg: DictConfig, run_dir: Path) -> None:
 
 def train_single(cfg: DictConfig) -> dict[str, Any]:
     """One model: the pipeline in the module docstring."""
-    resume = resume_checkpoint(cfg.get("resume"))
+    resume = resume_checkpoint(cfg.resume)
     resumed = ResumePoint.read(resume) if resume else None  # readable, ours and safe, before anything runs
-    if resume and not cfg.get("run_dir") and Path(str(cfg.resume)).is_dir():
+    if resume and not cfg.run_dir and Path(str(cfg.resume)).is_dir():
         cfg = with_value(cfg, "run_dir", str(Path(str(cfg.resume)).resolve()))  # continue in that folder
     run_dir = resolve_run_dir(cfg)
     cfg = with_value(cfg, "run_dir", str(run_dir))
@@ -240,7 +241,7 @@ def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, An
         write_json(run_dir / ENSEMBLE_FILE, {"members": [str(Path(p).relative_to(run_dir)) for p in snapshot_paths],
                                              "kind": "snapshot"})
     write_json(run_dir / "metrics.json", metrics)  # first: a failing report or plot cannot lose it
-    if cfg.get("report", True):
+    if cfg.report:
         metrics.update(report_or_warning(run_dir, scored, index, run.record, metrics, cfg, run.preprocessing))
         write_json(run_dir / "metrics.json", metrics)
     shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("val/acc", "train_eval/acc", "test/acc") if k in metrics)

@@ -111,11 +111,11 @@ def test_cached_head_uses_augmented_views_when_asked(class_folders, fast_cfg, tm
 def test_augmented_views_triple_the_cached_training_set(class_folders):
     from finetune.data.datamodule import ImageDataModule
     from finetune.data.datasets import scan_dataset
-    from finetune.models.backbone import create_backbone
-    from finetune.policy.cache import CachedFeatureDataModule
+    from finetune.data.feature_cache import CachedFeatureDataModule
+    from finetune.models.backbone import BackboneSpec, attach_head, load_pretrained
 
     index = scan_dataset(class_folders, 0.2, 0.0, 0)
-    net, _, _ = create_backbone("tf_efficientnet_lite0", "offline", 3)
+    net = attach_head(load_pretrained("tf_efficientnet_lite0", "offline")[0], BackboneSpec("tf_efficientnet_lite0", 3, {}))
     pp = Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0)
     images = ImageDataModule(index, pp, augment=None, batch_size=8)
     cached = CachedFeatureDataModule(images, net, augment=augment_cfg("light"), augmented_views=2)

@@ -17,7 +17,7 @@ from conftest import CLASSES, FAST, assert_user_error, make_cfg, run_cli, write_
 from finetune.cli.main import report_errors
 from finetune.data.datasets import scan_dataset
 from finetune.errors import FinetuneError
-from finetune.models.backbone import create_backbone
+from finetune.models.backbone import load_pretrained
 from finetune.models.checkpoint import load_classifier, read_checkpoint
 from finetune.train import train
 
@@ -77,17 +77,17 @@ def test_cli_eval_refuses_code_in_pickle(images, tmp_path):
 
 def test_unknown_backbone_in_process():
     with pytest.raises(FinetuneError, match="model.backbone=resnet5 ") as err:
-        create_backbone("resnet5", "none", 3)
+        load_pretrained("resnet5", "none")
     assert "resnet50" in str(err.value)
     with pytest.raises(FinetuneError, match="not a timm model") as err:
-        create_backbone("qqqqqqqq", "none", 3)
+        load_pretrained("qqqqqqqq", "none")
     assert "Did you mean" not in str(err.value)
 
 def test_weights_that_do_not_exist(tmp_path):
     with pytest.raises(FinetuneError, match="model.weights=offline only has weights for tf_efficientnet_lite0"):
-        create_backbone("resnet18", "offline", 3)
+        load_pretrained("resnet18", "offline")
     with pytest.raises(FinetuneError, match=f"model.weights={tmp_path / 'w.safetensors'}"):
-        create_backbone("resnet18", str(tmp_path / "w.safetensors"), 3)
+        load_pretrained("resnet18", str(tmp_path / "w.safetensors"))
 
 def test_unknown_trainer_argument(images, tmp_path):
     cfg = make_cfg([f"data.root={images}", f"run_dir={tmp_path / 'r'}", "+trainer.bogus=1", *FAST])

@@ -227,8 +227,7 @@ def test_failed_eval_leaves_no_empty_output_folder(tmp_path, run):
 
 
 def test_dangling_symlink_run_dir_is_named(tmp_path):
-    from finetune.config import resolve_run_dir
-    from finetune.run_files import hydra_run_dir, is_hydra_fallback
+    from finetune.run_files import hydra_run_dir, is_hydra_fallback, resolve_run_dir
 
     link = tmp_path / "run"
     link.symlink_to(tmp_path / "nowhere")
@@ -290,7 +289,7 @@ def test_shell_split_argument_and_unquoted_tilde_are_explained():
 
 
 def test_repeated_tta_view_is_used_once():
-    from finetune.inference import check_tta
+    from finetune.data.tta import check_tta
 
     assert check_tta(["hflip", "hflip", "vflip"]) == ["hflip", "vflip"]
 

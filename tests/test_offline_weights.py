@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from finetune.models.backbone import create_backbone
+from finetune.models.backbone import BackboneSpec, attach_head, load_pretrained
 from finetune.models.offline_weights import lite0_state_dict_for, offline_weights_path
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -95,7 +95,9 @@ def test_offline_batchnorm_statistics_match_their_layers(imagenet_lite0):
 
 
 def test_auto_weights_give_offline_backbone_with_new_head():
-    model, spec, source = create_backbone("tf_efficientnet_lite0", "auto", 5)
+    backbone, source, _ = load_pretrained("tf_efficientnet_lite0", "auto")  # the path training takes
+    spec = BackboneSpec("tf_efficientnet_lite0", 5, {})
+    model = attach_head(backbone, spec)
     assert source == "offline"
     assert spec.name == "tf_efficientnet_lite0" and spec.num_classes == 5
     assert model.get_classifier().out_features == 5

@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 
 from finetune.config import build_optimizer_and_scheduler, validate_train_config
 from finetune.data.transforms import Preprocessing
+from finetune.data.tta import tta_batches
 from finetune.errors import FinetuneError
-from finetune.inference import evaluate, tta_batches
+from finetune.inference import evaluate
 from finetune.models.backbone import BackboneSpec, attach_head, load_pretrained
 from finetune.models.checkpoint import read_checkpoint
 from finetune.models.module import ImageClassifier

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import sys
-import textwrap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +17,9 @@ from hydra.errors import CompactHydraException, MissingConfigException, Override
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
+from finetune.cli.streams import exit_with, interrupted, log_to_closed_pipe, lossless_text_output, reader_gone
+from finetune.config_checks import check_data_root, check_train_config
+from finetune.config_keys import check_known_keys
 from finetune.errors import FinetuneError, close_matches
 
 CONFIG_PATH = "../conf"
@@ -37,12 +37,8 @@ if not OmegaConf.has_resolver("finetune_hydra_dir"):
 
 
 def _quiet_library_logging() -> None:
-    """Hydra already logs to the console and RUN/*.log: drop Lightning's second console handler
-    (every line printed twice otherwise) and a deprecation warning Lightning raises on new torch."""
-    import lightning.pytorch  # noqa: F401  (installs its handler on import)
-
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).handlers.clear()
+    """Lightning's warnings and adverts we do not want, filtered before Lightning is imported (the filters
+    sit on loggers by name and on the warnings module, so nothing needs importing yet)."""
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*litlogger.*")
     # Frozen parts are put in eval mode on purpose (frozen BatchNorm statistics); the policy block says so.
@@ -57,77 +53,31 @@ def _no_adverts(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip:")
 
 
-def _lossless_text_output() -> None:
-    """(Issue 14, non-UTF-8 names) A file name that is not valid UTF-8 (Python's surrogate escapes), printed or
-    logged to a strict UTF-8 console or main.log, would fail inside logging ("--- Logging error ---" and a
-    traceback): such streams write it as a backslash escape instead. (Under C.UTF-8 Python writes the raw bytes.)"""
-    streams = [sys.stdout, sys.stderr, *(getattr(h, "stream", None) for h in logging.getLogger().handlers)]
-    for stream in streams:
-        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
-            stream.reconfigure(errors="backslashreplace")
+def _load_lightning() -> None:
+    """Import Lightning, once the checks that need no library have passed, and drop the console handlers its
+    packages install on import: Hydra already logs to the console and RUN/*.log (every line printed twice
+    otherwise). Every command's work imports Lightning anyway, so this costs nothing extra."""
+    import lightning.pytorch  # noqa: F401  (installs its handlers on import)
 
-
-def _reader_gone() -> None:
-    """(Issue 14) stdout (or stderr) is a pipe whose reader has closed it (`finetune --help | head -1`): exit
-    quietly with the status a process killed by SIGPIPE gets (141), as `cat`/`yes` do, without Python's
-    BrokenPipeError traceback. Both streams are pointed at /dev/null first, so the interpreter's final flush
-    of what is still buffered cannot fail again ("Exception ignored ... BrokenPipeError")."""
-    _to_devnull(sys.stdout)
-    _to_devnull(sys.stderr)
-    sys.exit(128 + 13)
-
-
-def _to_devnull(stream: Any) -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stream): nothing to flush
-        pass
-
-
-def _log_to_closed_pipe(handler: logging.StreamHandler, record: logging.LogRecord,
-                        original: Callable[[logging.StreamHandler, logging.LogRecord], None]) -> None:
-    """A log line written to a pipe whose reader has gone (`finetune ... | head -3`, `--info | head`) would print
-    logging's '--- Logging error ---' traceback for every later line: that stream is pointed at /dev/null instead
-    and the command goes on (a training run is not lost because its console was closed; RUN/main.log has every
-    line)."""
-    if isinstance(sys.exc_info()[1], BrokenPipeError):
-        _to_devnull(handler.stream)
-        return
-    original(handler, record)
-
-
-def _exit_with(message: str, code: int = 2) -> None:
-    """The user-error paragraph on stderr, then exit ``code`` (no traceback)."""
-    text = textwrap.fill(message, width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
-    try:
-        print("\nerror: " + text, file=sys.stderr)
-    except BrokenPipeError:  # `finetune ... 2>&1 | head -1`: the status still says what happened
-        _to_devnull(sys.stderr)
-    sys.exit(code)
-
-
-def _interrupted() -> None:
-    print("\ninterrupted (Ctrl-C)", file=sys.stderr)
-    sys.exit(130)  # 128 + SIGINT, as shells report it
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
 
 
 def report_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     def wrapped(cfg: DictConfig) -> Any:
         _quiet_library_logging()
-        _lossless_text_output()
+        lossless_text_output()
         try:
             return fn(cfg)
         except BrokenPipeError:
-            _reader_gone()
+            reader_gone()
         except FinetuneError as e:
-            _exit_with(str(e), e.exit_code)
+            exit_with(str(e), e.exit_code)
         except InterpolationResolutionError as e:  # a ${...} the user wrote (ours all resolve)
-            _exit_with(f"{e.full_key or 'a value'}: its ${{...}} interpolation could not be resolved: "
-                       f"{str(e).splitlines()[0]} Fix the reference (`--cfg job` prints the config).")
+            exit_with(f"{e.full_key or 'a value'}: its ${{...}} interpolation could not be resolved: "
+                      f"{str(e).splitlines()[0]} Fix the reference (`--cfg job` prints the config).")
         except KeyboardInterrupt:
-            _interrupted()
+            interrupted()
         finally:
             _remove_hydra_fallback()
 
@@ -174,9 +124,9 @@ def _hydra_error_message(error: Exception) -> str:
         return f"{' '.join(str(error).split('Config search path')[0].split())} Check the config name."
     if isinstance(error, OverrideParseException) and "=" not in str(error.override) and not str(
             error.override).startswith("~"):
-        return (f"'{error.override}' is not an override (KEY=VALUE). If your shell expanded a wildcard (input=*.jpg) or "
-                f"split a path with spaces, quote it: input='photos/*.jpg' or data.root='my photos'; several "
-                f"files are a list: input=[a.jpg,b.jpg].")
+        return (f"'{error.override}' is not an override (KEY=VALUE). If your shell expanded a wildcard "
+                f"(input=*.jpg) or split a path with spaces, quote it: input='photos/*.jpg' or data.root='my photos'; "
+                f"several files are a list: input=[a.jpg,b.jpg].")
     if isinstance(error, OverrideParseException) and "~" in str(error.override).partition("=")[2]:
         return (f"The override '{error.override}' could not be parsed: Hydra does not accept an unquoted ~ in a value. "
                 f"Write it quoted, e.g. 'data.root=\"~/photos\"' (finetune expands ~), or let the shell expand it: "
@@ -191,7 +141,8 @@ def _hydra_error_message(error: Exception) -> str:
         node = cause.parent_node
         keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
         where = f"under {parent}" if parent else "at the top level"
-        return (f"{full_key} is not a key of the config ({where}).{close_matches(leaf, keys, prefix=parent + '.' if parent else '')} "
+        hint = close_matches(leaf, keys, prefix=parent + "." if parent else "")
+        return (f"{full_key} is not a key of the config ({where}).{hint} "
                 f"Check the spelling: `--cfg job` prints every key. (Hydra's hint '+{full_key}=...' would add a key "
                 f"that nothing reads.)")
     return f"The command line could not be applied to the config: {' '.join(str(error).split())}"
@@ -215,20 +166,20 @@ def _config_errors_exit_2(main: Callable[..., Any]) -> Callable[..., Any]:
             except (CompactHydraException, OmegaConfBaseException) as e:
                 if _raised_in_task(e):
                     raise
-                _exit_with(_hydra_error_message(e))
+                exit_with(_hydra_error_message(e))
             except KeyboardInterrupt:
-                _interrupted()
+                interrupted()
             except BrokenPipeError:  # --cfg job, --info, a sweep's summary
-                _reader_gone()
+                reader_gone()
 
         hydra_utils.run_and_report = lambda func: original(lambda: guarded(func))
         handle_error = logging.StreamHandler.handleError
         logging.StreamHandler.handleError = functools.partialmethod(  # type: ignore[method-assign]
-            _log_to_closed_pipe, original=handle_error)
+            log_to_closed_pipe, original=handle_error)
         try:
             return main(*args, **kwargs)
         except BrokenPipeError:  # --help, --hydra-help: printed before run_and_report
-            _reader_gone()
+            reader_gone()
         finally:
             hydra_utils.run_and_report = original
             logging.StreamHandler.handleError = handle_error  # type: ignore[method-assign]
@@ -247,12 +198,8 @@ def _in_multirun() -> bool:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @report_errors
 def train_main(cfg: DictConfig) -> float | None:
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    from finetune.train import train
-
     try:
-        metrics = train(cfg)
+        metrics = _train(cfg)
     except FinetuneError as e:
         if not _in_multirun():
             raise
@@ -260,16 +207,36 @@ def train_main(cfg: DictConfig) -> float | None:
         # failed in sweep_summary.csv, and scored NaN (sweepers such as Optuna record a failed trial).
         logging.getLogger("finetune").error("This sweep job failed; the sweep goes on: %s", e)
         return float("nan")
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     if rank_zero_only.rank == 0:  # under DDP every rank runs this; the run folder is one
         print(f"Run folder: {metrics['run_dir']}")
     value = metrics.get(cfg.monitor)
     return float(value) if value is not None else None  # what Hydra sweepers optimise
 
 
+def _train(cfg: DictConfig) -> dict[str, Any]:
+    """The checks that need no library first (a typo or a missing data.root answers before torch is imported),
+    then the run. A resumed run is checked with its own config.yaml, which ``train`` reads."""
+    if not cfg.get("resume"):
+        _check_train_start(cfg)
+    _load_lightning()
+    from finetune.train import train
+
+    return train(cfg)
+
+
+def _check_train_start(cfg: DictConfig) -> None:
+    check_train_config(cfg)
+    check_data_root(OmegaConf.select(cfg, "data.root", throw_on_missing=False))
+
+
 @_config_errors_exit_2
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 @report_errors
 def eval_main(cfg: DictConfig) -> None:
+    check_known_keys(cfg, "eval")
+    _load_lightning()
     from finetune.inference import evaluate
 
     evaluate(cfg)
@@ -279,6 +246,8 @@ def eval_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 @report_errors
 def predict_main(cfg: DictConfig) -> None:
+    check_known_keys(cfg, "predict")
+    _load_lightning()
     from finetune.inference import predict
 
     predict(cfg)
@@ -288,6 +257,8 @@ def predict_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @report_errors
 def advise_main(cfg: DictConfig) -> None:
+    _check_train_start(cfg)
+    _load_lightning()
     from finetune.advise import advise
 
     advise(cfg)
@@ -297,6 +268,8 @@ def advise_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="preview")
 @report_errors
 def preview_main(cfg: DictConfig) -> None:
+    check_known_keys(cfg, "preview")
+    _load_lightning()
     from finetune.preview import preview
 
     preview(cfg)
@@ -306,6 +279,8 @@ def preview_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 @report_errors
 def export_main(cfg: DictConfig) -> None:
+    check_known_keys(cfg, "export")
+    _load_lightning()
     from finetune.export import run_export
 
     run_export(cfg)

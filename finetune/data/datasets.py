@@ -14,9 +14,13 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
 from finetune.run_files import readable
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +61,6 @@ class DatasetIndex:
             f"{len(self.classes)} classes, {', '.join(parts)} images "
             f"(layout: {self.layout}, root: {self.root})"
         )
-
-
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -351,6 +351,13 @@ def _similar_names(classes: list[str]) -> list[dict]:
     return [{"kind": "similar_class_names", "path": "", "split": "all", "skipped": False, "classes": names,
              "detail": f"classes {' and '.join(repr(n) for n in names)} differ only in case or punctuation; "
                        f"if they are one class, give them one name"} for names in found]
+
+
+def scan_configured(cfg: DictConfig) -> DatasetIndex:
+    """:func:`scan_dataset` with the run config's ``data.*`` root, split fractions and split seed: every
+    command that trains or measures (train, ensemble, advise, preview) scans the same way."""
+    data = cfg.data
+    return scan_dataset(data.root, data.val_fraction, data.test_fraction, data.split_seed)
 
 
 def scan_dataset(

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from finetune.conf import preset
 from finetune.errors import FinetuneError
 
 
@@ -39,9 +40,10 @@ class BatchMixer:
 
 
 def build_batch_mixer(augment: Mapping[str, Any] | None, num_classes: int) -> BatchMixer | None:
-    augment = augment or {}
-    mixup, cutmix = float(augment.get("mixup_alpha", 0.0) or 0.0), float(augment.get("cutmix_alpha", 0.0) or 0.0)
-    p = float(augment.get("mix_p", 1.0))
+    """The mixer ``augment`` asks for, or None; keys it lacks (None: no augmentation) are augment/none.yaml's."""
+    augment = {**preset("augment", "none"), **(augment or {})}
+    mixup, cutmix = float(augment["mixup_alpha"] or 0.0), float(augment["cutmix_alpha"] or 0.0)
+    p = float(augment["mix_p"])
     for key, value in (("augment.mixup_alpha", mixup), ("augment.cutmix_alpha", cutmix)):
         if value < 0:
             raise FinetuneError(f"{key}={value} must be >= 0 (0 turns it off).")

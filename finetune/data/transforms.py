@@ -92,15 +92,18 @@ def _normalize(pp: Preprocessing) -> list[A.BasicTransform]:
     return [A.Normalize(mean=pp.mean, std=pp.std, max_pixel_value=255.0), ToTensorV2()]
 
 
+def eval_crop(pp: Preprocessing) -> list[A.BasicTransform]:
+    """Resize the shorter side to size / crop_pct, then centre crop: the one evaluation geometry that
+    eval/predict, the ``crop=center`` training pipeline and export's sample inputs all use."""
+    return [
+        A.SmallestMaxSize(max_size=pp.resize_size, interpolation=pp.cv2_interpolation),
+        A.CenterCrop(height=pp.image_size, width=pp.image_size),
+    ]
+
+
 def eval_transform(pp: Preprocessing) -> A.Compose:
-    """Deterministic: resize the shorter side to size / crop_pct, centre crop, normalize."""
-    return A.Compose(
-        [
-            A.SmallestMaxSize(max_size=pp.resize_size, interpolation=pp.cv2_interpolation),
-            A.CenterCrop(height=pp.image_size, width=pp.image_size),
-            *_normalize(pp),
-        ]
-    )
+    """Deterministic: the evaluation crop, then normalize."""
+    return A.Compose([*eval_crop(pp), *_normalize(pp)])
 
 
 def _transform_names() -> list[str]:
@@ -162,7 +165,7 @@ def train_transform(pp: Preprocessing, augment: Mapping[str, Any] | None, seed: 
             )
         ]
     else:
-        first = list(eval_transform(pp).transforms)[:2]
+        first = eval_crop(pp)
     items: Sequence[Any] = augment.get("transforms") or []
     extra = [build_albumentation(item, f"augment.transforms[{i}]") for i, item in enumerate(items)]
     return A.Compose([*first, *extra, *_normalize(pp)], seed=seed)

@@ -170,13 +170,6 @@ def _option_error(name: str, message: str, kwargs: dict[str, Any]) -> str:
             f"a backbone that has it (e.g. EfficientNet, ResNet, ConvNeXt, ViT).")
 
 
-def create_backbone(name: str, weights: str | None, num_classes: int, **kwargs: Any) -> tuple[nn.Module, BackboneSpec, str]:
-    """Pretrained backbone with a new ``num_classes`` head, its rebuild spec, and the weight source."""
-    model, source, _ = load_pretrained(name, weights, **kwargs)
-    spec = BackboneSpec(name=name, num_classes=num_classes, kwargs=dict(kwargs))
-    return attach_head(model, spec), spec, source
-
-
 def _create_from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=True, **kwargs)

@@ -1,13 +1,18 @@
 """The LightningModule: a timm network, cross-entropy, torchmetrics accuracy, configured optimizer.
 
-It writes everything a checkpoint needs to be used on its own (backbone name, classes,
-preprocessing) under ``checkpoint["finetune"]``, as plain data that weights-only loading accepts.
+``ImageClassifier`` trains on images; ``FeatureHeadClassifier`` trains only its head on cached
+pre-classifier features (frozen-prefix policies, ``data/feature_cache.py``). How they train (optimizer,
+scheduler, LR scaling, batch mixing) comes as one ``Recipe``; the policy's unfreeze schedule is the
+``UnfreezeSchedule`` callback they add to the trainer. Either writes everything a checkpoint needs to be
+used on its own (backbone name, classes, preprocessing) under ``checkpoint["finetune"]``, as plain data
+that weights-only loading accepts.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -21,11 +26,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models.backbone import BackboneSpec
-from finetune.policy.cache import head_l2_penalty, head_lbfgs
-from finetune.policy.freeze import frozen_to_eval, param_groups, set_trainable
+from finetune.models.heads import head_l2_penalty, head_lbfgs
+from finetune.policy.freeze import hold_eval_modes, param_groups, set_trainable, unfreezes_during_training
 from finetune.policy.plan import Plan
 from finetune.policy.stages import StageMap
-from finetune.recipe.regularization import Regularization, WeightPenalty, drop_connect_linear, set_batchnorm_eval
+from finetune.recipe.callbacks import UnfreezeSchedule
+from finetune.recipe.regularization import Regularization, WeightPenalty, drop_connect_linear
 from finetune.recipe.schedulers import build_lr_schedulers
 
 CHECKPOINT_KEY = "finetune"
@@ -33,6 +39,26 @@ CHECKPOINT_FORMAT = 1
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Recipe:
+    """How a module trains, beyond the network and the policy; the defaults build one for inference only."""
+
+    optimizer: OptimizerFactory | None = None
+    scheduler: SchedulerFactory | None = None
+    scheduler_options: Mapping[str, Any] = field(default_factory=dict)
+    lr_scaling: str = "none"  # none | linear | sqrt: LR vs the global batch (see lr_scale_factor)
+    batch_mixer: BatchMixer | None = None  # MixUp / CutMix on training batches (soft targets)
+    channels_last: bool = False  # feed NHWC batches to an NHWC network
+    frozen_bn_eval: bool = True  # policy.frozen_bn_eval: frozen parts run in eval mode
+    # The validation loop's metric prefix: "train_eval" when there is no validation split and the loop
+    # scores the training images, so those scores are never mistaken for (or monitored as) val/*.
+    eval_stage: str = "val"
+    # FeatureHeadClassifier only: how the head trains on cached features (policy.head_solver, policy.head_l2).
+    head_solver: str = "optimizer"
+    head_l2: float = 0.0
 
 
 class ImageClassifier(L.LightningModule):
@@ -42,45 +68,21 @@ class ImageClassifier(L.LightningModule):
         spec: BackboneSpec,
         classes: list[str],
         preprocessing: Preprocessing,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
-        scheduler_options: Mapping[str, Any] | None = None,
+        recipe: Recipe | None = None,
         regularization: Regularization | None = None,
         plan: Plan | None = None,
         stage_map: StageMap | None = None,
-        frozen_bn_eval: bool = True,
-        inputs_are_features: bool = False,
-        head_solver: str = "optimizer",
-        head_l2: float = 0.0,
-        batch_mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        lr_scaling: str = "none",
-        channels_last: bool = False,
-        eval_stage: str = "val",
     ):
         super().__init__()
         self.net = net
         self.spec = spec
         self.classes = list(classes)
         self.preprocessing = preprocessing
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.scheduler_options = dict(scheduler_options or {})
+        self.recipe = recipe or Recipe()
         self.regularization = regularization or Regularization()
         self.label_smoothing = float(self.regularization.label_smoothing)
         self.plan = plan
         self.stage_map = stage_map
-        self.frozen_bn_eval = frozen_bn_eval
-        # Batches hold cached pre-classifier features instead of images (frozen-prefix policies).
-        self.inputs_are_features = inputs_are_features
-        # On cached features the head is a convex problem: full-batch L-BFGS solves it in a few steps.
-        self.head_solver = head_solver if inputs_are_features else "optimizer"
-        self.head_l2 = head_l2
-        self.batch_mixer = batch_mixer  # MixUp / CutMix on training batches (soft targets)
-        self.channels_last = channels_last  # feed NHWC batches to an NHWC network
-        self.lr_scaling = lr_scaling  # none | linear | sqrt: LR vs the global batch (see lr_scale_factor)
-        # The validation loop's metric prefix: "train_eval" when there is no validation split and the loop
-        # scores the training images, so those scores are never mistaken for (or monitored as) val/*.
-        self.eval_stage = eval_stage
         if plan is not None:
             self.apply_plan(epoch=0)
         # Penalties (L1, L2, L2-SP) added to the training loss; L2-SP's anchors are the weights now.
@@ -94,17 +96,25 @@ class ImageClassifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
 
+    @property
+    def eval_stage(self) -> str:
+        return self.recipe.eval_stage
+
+    @property
+    def optimizer_factory(self) -> OptimizerFactory | None:
+        return self.recipe.optimizer
+
+    @optimizer_factory.setter
+    def optimizer_factory(self, factory: OptimizerFactory | None) -> None:
+        self.recipe.optimizer = factory
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and x.ndim == 4:
+        if self.recipe.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         drop_connect = float(self.regularization.drop_connect)
-        if self.training and self.inputs_are_features and self.regularization.dropout > 0:
-            x = F.dropout(x, self.regularization.dropout)  # cached features were pooled without it
         if self.training and drop_connect > 0:
-            features = x if self.inputs_are_features else self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+            features = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
             return drop_connect_linear(features, self.net.get_classifier(), drop_connect)
-        if self.inputs_are_features:
-            return self.net.get_classifier()(x)
         return self.net(x)
 
     def apply_plan(self, epoch: int) -> list[str]:
@@ -112,52 +122,46 @@ class ImageClassifier(L.LightningModule):
         groups = self.plan.trainable_at(epoch)
         set_trainable(self.net, self.stage_map, groups)
         if self.training:
-            self._hold_eval_modes()
+            self.hold_eval_modes()
         return groups
 
-    def _hold_eval_modes(self) -> None:
+    def hold_eval_modes(self) -> None:
         """Frozen parts (policy.frozen_bn_eval) and, with regularization.trainable_bn=eval, every
         BatchNorm keep normalising with their stored statistics while the rest trains."""
-        if self.frozen_bn_eval and self.plan is not None:
-            frozen_to_eval(self.net)
-        if self.regularization.trainable_bn == "eval":
-            set_batchnorm_eval(self.net)
+        hold_eval_modes(self.net, frozen=self.recipe.frozen_bn_eval and self.plan is not None,
+                        batchnorm=self.regularization.trainable_bn == "eval")
 
     def train(self, mode: bool = True):
         """Whenever the module is put in training mode, the parts asked to stay in eval mode do."""
         super().train(mode)
         if mode:
-            self._hold_eval_modes()
+            self.hold_eval_modes()
         return self
 
-    def on_train_epoch_start(self) -> None:
-        # Lightning (2.6) does not call train() when fitting starts, and around validation it restores
-        # the modes it saw: so the modes asked for are set again at every epoch start.
-        if self.plan is not None:
-            before = {n for n, p in self.net.named_parameters() if p.requires_grad}
-            groups = self.apply_plan(self.current_epoch)
-            after = {n for n, p in self.net.named_parameters() if p.requires_grad}
-            if after != before:
-                self.print(f"Epoch {self.current_epoch}: trainable groups now {', '.join(groups)}")
-        self._hold_eval_modes()
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The policy's unfreeze schedule (and the eval modes it holds) runs as a callback of the fit."""
+        return [UnfreezeSchedule()]
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
+    def _cross_entropy(self, logits: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str,
+              metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
         target = y
-        if stage == "train" and self.batch_mixer is not None:
-            x, target = self.batch_mixer(x, y)  # soft targets; accuracy counts the dominant label
+        if stage == "train" and self.recipe.batch_mixer is not None:
+            x, target = self.recipe.batch_mixer(x, y)  # soft targets; accuracy counts the dominant label
             y = target.argmax(dim=-1)
         logits = self(x)
-        loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
-        if stage == "train" and self.head_solver == "lbfgs" and self.head_l2 > 0:
-            loss = loss + head_l2_penalty(self.net.get_classifier(), self.head_l2)
+        loss = self._cross_entropy(logits, target, stage)
         if stage == "train" and self.penalty is not None:
             penalty = self.penalty(self.net)
             self.log("train/penalty", penalty, on_step=False, on_epoch=True, batch_size=len(y))
             loss = loss + penalty
         metric(logits, y)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=not on_step)
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=not on_step)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -174,8 +178,6 @@ class ImageClassifier(L.LightningModule):
         return self(batch[0]).softmax(dim=-1)
 
     def configure_optimizers(self):
-        if self.head_solver == "lbfgs":
-            return head_lbfgs(self.net.get_classifier(), max_iter=50)  # 50 iterations per epoch
         if self.optimizer_factory is None:
             raise RuntimeError("ImageClassifier was built without an optimizer (inference only).")
         keywords = getattr(self.optimizer_factory, "keywords", {})
@@ -183,7 +185,8 @@ class ImageClassifier(L.LightningModule):
             groups = self._lbfgs_parameters()
         elif self.plan is not None:
             # Every stage group from step one (frozen ones too): schedulers and resume see a fixed set.
-            groups = param_groups(self.net, self.stage_map, self.plan, keywords.get("lr", 1e-3), keywords.get("weight_decay", 0.0))
+            groups = param_groups(self.net, self.stage_map, self.plan, keywords.get("lr", 1e-3),
+                                  keywords.get("weight_decay", 0.0))
         else:
             # No weight decay on norm layers and biases (timm's helper).
             groups = param_groups_weight_decay(self.net, weight_decay=keywords.get("weight_decay", 0.0))
@@ -192,23 +195,24 @@ class ImageClassifier(L.LightningModule):
         if factor != 1 and not isinstance(optimizer, torch.optim.LBFGS):  # L-BFGS: its line search sets the step
             for group in optimizer.param_groups:
                 group["lr"] *= factor
-            rank_zero_info(f"Learning rates x{factor:g} (lr_scaling={self.lr_scaling}): the global batch is "
+            rank_zero_info(f"Learning rates x{factor:g} (lr_scaling={self.recipe.lr_scaling}): the global batch is "
                            f"{self.trainer.world_size * self.trainer.accumulate_grad_batches} x data.batch_size")
-        options = dict(self.scheduler_options)
+        options = dict(self.recipe.scheduler_options)
         monitor = str(options.get("monitor") or "")
         if self.eval_stage != "val" and monitor.startswith("val/"):  # no validation split: follow what is logged
             options["monitor"] = f"{self.eval_stage}/{monitor.split('/', 1)[1]}"
         warmup_epochs = int(options.pop("warmup_epochs", 0) or 0)
         warmup_start_factor = float(options.pop("warmup_start_factor", 0.1))
-        if self.scheduler_factory is None and warmup_epochs == 0:
+        scheduler = self.recipe.scheduler
+        if scheduler is None and warmup_epochs == 0:
             return optimizer
         total_steps = self.trainer.estimated_stepping_batches  # also loads the train dataloader...
-        if math.isinf(self.trainer.num_training_batches):  # ...except with max_epochs=-1, where Lightning returns early
+        if math.isinf(self.trainer.num_training_batches):  # ...but not with max_epochs=-1 (Lightning returns early)
             self.trainer.fit_loop.setup_data()
         # No length (max_epochs=-1): only schedules that need none get here (config.py refuses the others).
         total_steps = int(total_steps) if math.isfinite(total_steps) else 0
         steps_per_epoch = max(1, -(-int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches))
-        schedulers = build_lr_schedulers(optimizer, self.scheduler_factory, options, warmup_epochs,
+        schedulers = build_lr_schedulers(optimizer, scheduler, options, warmup_epochs,
                                          warmup_start_factor, steps_per_epoch, total_steps)
         return [optimizer], schedulers
 
@@ -219,11 +223,11 @@ class ImageClassifier(L.LightningModule):
         if self._trainer is None:  # built outside a fit (tests, inspection): one device
             return 1.0
         k = self.trainer.world_size * self.trainer.accumulate_grad_batches
-        return {"linear": float(k), "sqrt": float(k) ** 0.5}.get(self.lr_scaling, 1.0)
+        return {"linear": float(k), "sqrt": float(k) ** 0.5}.get(self.recipe.lr_scaling, 1.0)
 
     def _lbfgs_parameters(self) -> list[torch.nn.Parameter]:
         """L-BFGS takes one group with a fixed parameter set: what trains from the first epoch."""
-        if self.plan is not None and any(epoch > 0 for epoch in self.plan.unfreeze_at.values()):
+        if unfreezes_during_training(self.plan):
             raise FinetuneError(
                 f"optimizer=lbfgs does not fit policy {self.plan.policy}, which unfreezes layers during training "
                 f"(L-BFGS keeps one fixed set of parameters and its curvature history). Use another optimizer, "
@@ -242,3 +246,36 @@ class ImageClassifier(L.LightningModule):
             "classes": self.classes,
             "preprocessing": self.preprocessing.to_dict(),
         }
+
+
+class FeatureHeadClassifier(ImageClassifier):
+    """Only the head trains, on cached pre-classifier features instead of images (frozen-prefix policies).
+
+    The network is whole (checkpoints load as an ``ImageClassifier``). The head trains with the configured
+    optimizer, or (``recipe.head_solver=lbfgs``) with full-batch L-BFGS: on fixed features the head is a
+    convex problem that it solves in a few steps, with ``recipe.head_l2`` on the head's weights.
+    """
+
+    @property
+    def head_solver(self) -> str:
+        return self.recipe.head_solver
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.net.get_classifier()
+        if not self.training:
+            return head(x)
+        if self.regularization.dropout > 0:
+            x = F.dropout(x, self.regularization.dropout)  # cached features were pooled without it
+        drop_connect = float(self.regularization.drop_connect)
+        return drop_connect_linear(x, head, drop_connect) if drop_connect > 0 else head(x)
+
+    def _cross_entropy(self, logits: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
+        loss = super()._cross_entropy(logits, target, stage)
+        if stage == "train" and self.head_solver == "lbfgs" and self.recipe.head_l2 > 0:
+            loss = loss + head_l2_penalty(self.net.get_classifier(), self.recipe.head_l2)
+        return loss
+
+    def configure_optimizers(self):
+        if self.head_solver == "lbfgs":
+            return head_lbfgs(self.net.get_classifier(), max_iter=50)  # 50 iterations per epoch
+        return super().configure_optimizers()

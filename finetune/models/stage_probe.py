@@ -1,7 +1,7 @@
 """A timm backbone cut after stage k, with global pooling and a linear head.
 
 For data far from the pretraining domain an earlier stage's features can beat the last ones
-(DESIGN.md: stage 3 probe 0.82 vs pre-logits 0.77 on Fashion-MNIST); the stages above k are
+(docs/architecture.md: stage 3 probe 0.82 vs pre-logits 0.77 on Fashion-MNIST); the stages above k are
 dropped with timm's own ``prune_intermediate_layers``, so they cost neither time nor memory.
 It mirrors timm's API (forward_features / forward_head / get_classifier / feature_info) so
 freezing, caching and checkpoints treat it like any timm model.

@@ -51,14 +51,14 @@ def choose_policy(
         raise FinetuneError(f"policy.name={requested} is not one of {', '.join(POLICIES)}.")
     stage_map = build_stage_map(model)
     thresholds = dict(policy_cfg["thresholds"])
-    needs_measure = requested == "auto" or (requested == "stage_probe" and policy_cfg.get("stage") in (None, "auto"))
+    needs_measure = requested == "auto" or (requested == "stage_probe" and policy_cfg["stage"] in (None, "auto"))
     m_cfg = policy_cfg["measure"]
     actions = dict(policy_cfg["actions"])
     for quadrant, action in actions.items():
         if action not in POLICIES or action == "auto":
             raise FinetuneError(f"policy.actions.{quadrant}={action} must be one of {', '.join(POLICIES[1:])}.")
     measurements = decision = None
-    if needs_measure or str(m_cfg.get("enabled", "auto")).lower() == "true":
+    if needs_measure or str(m_cfg["enabled"]).lower() == "true":
         if not hasattr(model, "forward_intermediates"):
             raise FinetuneError(
                 f"{type(model).__name__} has no forward_intermediates, so its stages cannot be measured; "
@@ -66,7 +66,7 @@ def choose_policy(
             )
         measurements = measure(
             model, index, pp, pretrained_head, max_per_class=int(m_cfg["max_per_class"]),
-            max_images=int(m_cfg["max_images"]), folds=int(m_cfg["folds"]), seed=int(m_cfg.get("seed", seed)),
+            max_images=int(m_cfg["max_images"]), folds=int(m_cfg["folds"]), seed=int(m_cfg["seed"]),
         )
         decision = decide(measurements, thresholds, actions)
     applied = decision.policy if requested == "auto" else requested

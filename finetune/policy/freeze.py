@@ -1,9 +1,10 @@
-"""The freezing mechanism: trainable flags, frozen BatchNorm in eval mode, fixed param groups.
+"""The freezing mechanism: trainable flags, parts held in eval mode, fixed param groups.
 
-Written by hand rather than with Lightning's ``BaseFinetuning`` for two reasons: its ``freeze``
-sets BatchNorm ``track_running_stats=False``, which in train mode normalises with *batch*
-statistics (not frozen ones), and its unfreezing adds param groups mid-training, which
-ReduceLROnPlateau and resumed runs do not survive. Here every group exists from step one.
+The schedule (which groups train from which epoch) is applied by ``recipe.callbacks.UnfreezeSchedule``, a
+Lightning ``BaseFinetuning``; its own ``freeze``/``unfreeze_and_add_param_group`` are not used, for two
+reasons: ``freeze`` sets BatchNorm ``track_running_stats=False``, which in train mode normalises with *batch*
+statistics (not frozen ones), and unfreezing adds param groups mid-training, which ReduceLROnPlateau and
+resumed runs do not survive. Here every group exists from step one; unfreezing only flips ``requires_grad``.
 """
 
 from __future__ import annotations
@@ -24,19 +25,29 @@ def set_trainable(model: nn.Module, stage_map: StageMap, groups: Iterable[str]) 
         param.requires_grad_(name in wanted)
 
 
-def frozen_to_eval(model: nn.Module) -> int:
-    """Put every module whose own parameters are all frozen into eval mode (BatchNorm statistics
-    stop updating, dropout inside frozen blocks stops). Returns how many were switched."""
+def hold_eval_modes(model: nn.Module, frozen: bool, batchnorm: bool) -> int:
+    """Put into eval mode every module whose own parameters are all frozen (``frozen``: BatchNorm statistics
+    stop updating, dropout inside frozen blocks stops) and every BatchNorm (``batchnorm``: they normalise with
+    their running statistics and stop updating them). Returns how many were switched."""
     switched = 0
     for module in model.modules():
-        params = list(module.parameters(recurse=False))
-        if params and not any(p.requires_grad for p in params) and module.training:
+        params = list(module.parameters(recurse=False)) if frozen else []
+        held = (params and not any(p.requires_grad for p in params)) or (
+            batchnorm and isinstance(module, nn.modules.batchnorm._BatchNorm))
+        if held and module.training:
             module.eval()
             switched += 1
     return switched
 
 
-def param_groups(model: nn.Module, stage_map: StageMap, plan: Plan, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def unfreezes_during_training(plan: Plan | None) -> bool:
+    """The trainable set grows after the first epoch (lp_ft, gradual): what L-BFGS, whose parameter set and
+    curvature history are fixed, cannot follow."""
+    return plan is not None and any(epoch > 0 for epoch in plan.unfreeze_at.values())
+
+
+def param_groups(model: nn.Module, stage_map: StageMap, plan: Plan, lr: float,
+                 weight_decay: float) -> list[dict[str, Any]]:
     """One group per (stage group, decay / no decay), frozen ones included, LR scaled per the plan.
 
     No weight decay on biases, norm layers and 1-d parameters, nor on the model's own

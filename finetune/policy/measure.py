@@ -3,7 +3,7 @@
 One gradient-free forward pass over a seeded, per-class subsample of the training split gives,
 for every stage, globally pooled features; from them:
 - per-stage linear-probe accuracy under stratified k-fold cross-validation (the signal that ranked
-  stages the way fine-tuning did in our measurements, DESIGN.md);
+  stages the way fine-tuning did in our measurements, docs/architecture.md);
 - the same for the final pre-logits features (what a linear probe on top would see);
 - the pretrained head's own confidence (mean max-probability and normalised entropy over its
   pretraining classes), reported as evidence where the weights came with a head.

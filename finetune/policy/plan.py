@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from finetune.conf import preset
 from finetune.errors import FinetuneError
 from finetune.policy.stages import stage_name
 
@@ -49,15 +50,18 @@ def _decayed(order: list[str], trainable: list[str], decay: float) -> dict[str, 
     return {g: round(decay ** (len(ranked) - 1 - i), 6) for i, g in enumerate(ranked)}
 
 
-def make_plan(policy: str, cfg: Mapping[str, Any], num_stages: int, best_stage: int | None, has_neck: bool = True) -> Plan:
-    """The plan for a fixed ``policy`` on a model with ``num_stages`` stages (and a neck or not)."""
-    decay = float(cfg.get("lr_decay", 0.7))
+def make_plan(policy: str, policy_cfg: Mapping[str, Any], num_stages: int, best_stage: int | None,
+              has_neck: bool = True) -> Plan:
+    """The plan for a fixed ``policy`` on a model with ``num_stages`` stages (and a neck or not). ``policy_cfg``
+    is the policy config; keys it lacks (a library call's partial mapping) take conf/policy/base.yaml's values."""
+    policy_cfg = {**preset("policy", "base"), **policy_cfg}
+    decay = float(policy_cfg["lr_decay"])
     order = _groups(num_stages, has_neck)
     if policy == "linear_probe":
         return Plan(policy, order, {"head": 0}, {"head": 1.0},
                     description="frozen backbone, train a linear classifier on the pre-logits features")
     if policy == "stage_probe":
-        stage = cfg.get("stage", "auto")
+        stage = policy_cfg["stage"]
         if stage in (None, "auto"):
             if best_stage is None:
                 stage = num_stages - 1
@@ -66,13 +70,13 @@ def make_plan(policy: str, cfg: Mapping[str, Any], num_stages: int, best_stage: 
         if not (isinstance(stage, int) and 0 <= stage < num_stages):
             raise FinetuneError(f"policy.stage={stage} must be auto or a stage index in 0..{num_stages - 1}.")
         order = _groups(stage + 1, has_neck=False)  # the neck is above the cut
-        train_stages = bool(cfg.get("train_stages", False))
+        train_stages = bool(policy_cfg["train_stages"])
         trainable = order if train_stages else ["head"]
         what = "fine-tune the kept stages and" if train_stages else "frozen, train"
         return Plan(policy, order, {g: 0 for g in trainable}, _decayed(order, trainable, decay), cut_after_stage=stage,
                     description=f"network cut after stage {stage} (the rest dropped); {what} a linear head on its pooled features")
     if policy == "partial":
-        top = cfg.get("top_stages", 2)
+        top = policy_cfg["top_stages"]
         if not (isinstance(top, int) and 0 <= top <= num_stages):
             raise FinetuneError(f"policy.top_stages={top} must be an integer in 0..{num_stages}.")
         trainable = [stage_name(i) for i in range(num_stages - top, num_stages)] + order[num_stages:]
@@ -82,12 +86,12 @@ def make_plan(policy: str, cfg: Mapping[str, Any], num_stages: int, best_stage: 
         return Plan(policy, order, {g: 0 for g in order}, _decayed(order, order, decay),
                     description=f"fine-tune everything, learning rates x{decay} per group from head to stem")
     if policy == "lp_ft":
-        probe_epochs = int(cfg.get("probe_epochs", 3))
+        probe_epochs = int(policy_cfg["probe_epochs"])
         unfreeze = {g: (0 if g == "head" else probe_epochs) for g in order}
         return Plan(policy, order, unfreeze, _decayed(order, order, decay),
                     description=f"linear probe for {probe_epochs} epoch(s), then fine-tune everything (LP-FT)")
     if policy == "gradual":
-        every = int(cfg.get("unfreeze_every", 1))
+        every = int(policy_cfg["unfreeze_every"])
         if every < 1:
             raise FinetuneError(f"policy.unfreeze_every={every} must be >= 1.")
         unfreeze = {g: 0 for g in order[num_stages:]}  # neck (if any) and head

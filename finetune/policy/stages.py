@@ -27,10 +27,6 @@ class StageMap:
     def num_stages(self) -> int:
         return len(self.stage_modules)
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.groups)
-
     def parameter_counts(self, model: nn.Module) -> dict[str, int]:
         params = dict(model.named_parameters())
         return {g: sum(params[n].numel() for n in names) for g, names in self.groups.items()}

@@ -1,5 +1,5 @@
-"""Lightning callbacks for the recipe: a readable record of plateau LR reductions, the LR range a
-run trained with, and snapshots.
+"""Lightning callbacks for the recipe: the policy's unfreeze schedule, a readable record of plateau LR
+reductions, the LR range a run trained with, and snapshots.
 
 Lightning's LearningRateMonitor logs the LR every epoch; what a person wants to read is *when*
 ReduceLROnPlateau fired and what the LR became, so that is logged and kept for metrics.json.
@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
@@ -43,6 +43,38 @@ def plateau_scheduler(trainer: L.Trainer) -> ReduceLROnPlateau | None:
     return next((c.scheduler for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, ReduceLROnPlateau)), None)
 
 
+class UnfreezeSchedule(BaseFinetuning):
+    """The policy's plan applied at every epoch start: the groups it trains from that epoch get
+    ``requires_grad`` (lp_ft, gradual unfreeze on schedule), and the parts asked to stay in eval mode do.
+
+    The module adds it itself (``configure_callbacks``). Applying the plan for the current epoch is idempotent,
+    so a resumed run lands on the right trainable set. Every param group exists from the first step
+    (``policy.freeze.param_groups``): no group is added here (see ``policy/freeze.py`` for why).
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # validate/test score the module as it is
+            super().setup(trainer, pl_module, stage)
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        if pl_module.plan is not None:
+            pl_module.apply_plan(epoch=0)
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if pl_module.plan is None:
+            return
+        before = {n for n, p in pl_module.net.named_parameters() if p.requires_grad}
+        groups = pl_module.apply_plan(epoch)
+        if {n for n, p in pl_module.net.named_parameters() if p.requires_grad} != before:
+            pl_module.print(f"Epoch {epoch}: trainable groups now {', '.join(groups)}")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning (2.6) does not call train() when fitting starts, and around validation it restores
+        # the modes it saw: so the modes asked for are set again at every epoch start.
+        super().on_train_epoch_start(trainer, pl_module)
+        pl_module.hold_eval_modes()
+
+
 class PlateauReductionLog(Callback):
     """Each ReduceLROnPlateau reduction: after which epoch, and every group's LR before and after."""
 
@@ -54,7 +86,8 @@ class PlateauReductionLog(Callback):
         plateau = plateau_scheduler(trainer)
         now = _group_lrs(trainer)
         if plateau is not None and self._last is not None:
-            lowered = {k: (self._last[k], v) for k, v in now.items() if k in self._last and v < self._last[k] * (1 - 1e-9)}
+            lowered = {k: (self._last[k], v) for k, v in now.items()
+                       if k in self._last and v < self._last[k] * (1 - 1e-9)}
             if lowered:
                 config = next(c for c in trainer.lr_scheduler_configs if c.scheduler is plateau)
                 record = {
@@ -65,7 +98,8 @@ class PlateauReductionLog(Callback):
                 }
                 self.reductions.append(record)
                 rank_zero_info(
-                    f"Epoch {trainer.current_epoch}: ReduceLROnPlateau lowered the learning rate ({config.monitor} did not "
+                    f"Epoch {trainer.current_epoch}: ReduceLROnPlateau lowered the learning rate "
+                    f"({config.monitor} did not "
                     f"improve for {plateau.patience + 1} epochs): {_describe(lowered)}"
                 )
         self._last = now
@@ -95,7 +129,8 @@ class LRTrace(Callback):
         self.peak = 0.0
         self.last = 0.0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         lrs = _group_lrs(trainer).values()
         if lrs:
             self.last = max(lrs)
@@ -160,7 +195,8 @@ class NonFiniteLossStop(Callback):
         shown = ", ".join(f"{k} {v:.3g}" for k, v in list(lrs.items())[:6]) + (" ..." if len(lrs) > 6 else "")
         last = self.checkpoint_dir / "last.ckpt" if self.checkpoint_dir else None
         kept = (f"The last good checkpoint is {last} (end of epoch {trainer.current_epoch}); continue from it with "
-                f"resume=... after the fix." if last is not None and last.is_file() else "No checkpoint was written before it.")
+                f"resume=... after the fix." if last is not None and last.is_file()
+                else "No checkpoint was written before it.")
         raise FinetuneError(
             f"The training loss became {float(loss):.4g} at epoch {trainer.current_epoch + 1}, step "
             f"{trainer.global_step} (batch {batch_idx}); learning rates: {shown}. {kept} Lower optimizer.lr, add "

@@ -10,8 +10,9 @@ zero) and DropConnect on the head's weights (Wan et al. 2013; timm's "drop_conne
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -79,9 +80,22 @@ class Regularization:
         return self.l1 > 0 or self.l2 > 0 or self.l2_sp > 0
 
 
-def is_weight(name: str, param: torch.Tensor) -> bool:
-    """Conv / linear weights: the tensors penalties and weight decay act on (not norms, not biases)."""
-    return param.ndim > 1 and not name.endswith(".bias")
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """The names (or fnmatch patterns) the model itself exempts from weight decay through timm's
+    ``no_weight_decay()``, e.g. a ViT's ``pos_embed`` and ``cls_token``; empty when it has none."""
+    method = getattr(model, "no_weight_decay", None)
+    return set(method()) if callable(method) else set()
+
+
+def is_weight(name: str, param: torch.Tensor, exempt: Collection[str] = ()) -> bool:
+    """The one definition of a weight: what weight decay and the L1/L2/L2-SP penalties act on.
+
+    timm's rule (``timm.optim.param_groups_weight_decay``): not biases, norms or other 1-d tensors, and
+    not the names in ``exempt`` (pass :func:`no_weight_decay_names`), matched as timm matches them.
+    """
+    if param.ndim <= 1 or name.endswith(".bias"):
+        return False
+    return not any(fnmatchcase(name, pattern) for pattern in exempt)
 
 
 class WeightPenalty(nn.Module):
@@ -90,19 +104,22 @@ class WeightPenalty(nn.Module):
     L2-SP covers the weights that came pretrained (everything but the new head); its anchors are
     copied when this is built, i.e. from the pretrained weights, before any checkpoint is resumed.
     They are kept out of the state dict: they are the pretrained weights, rebuilt on every start.
+    "Weights" are :func:`is_weight`'s, so what gets no weight decay (a ViT's pos_embed) gets no penalty.
     """
 
     def __init__(self, net: nn.Module, reg: Regularization, head_names: set[str]):
         super().__init__()
         self.l1, self.l2, self.l2_sp = float(reg.l1), float(reg.l2), float(reg.l2_sp)
+        self.exempt = no_weight_decay_names(net)
         self.anchors: dict[str, torch.Tensor] = {}
         if self.l2_sp > 0:
-            self.anchors = {n: p.detach().clone() for n, p in net.named_parameters() if is_weight(n, p) and n not in head_names}
+            self.anchors = {n: p.detach().clone() for n, p in net.named_parameters()
+                            if is_weight(n, p, self.exempt) and n not in head_names}
 
     def forward(self, net: nn.Module) -> torch.Tensor:
         total = None
         for name, p in net.named_parameters():
-            if not p.requires_grad or not is_weight(name, p):
+            if not p.requires_grad or not is_weight(name, p, self.exempt):
                 continue
             term = 0.0
             if self.l1:
