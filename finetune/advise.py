@@ -24,7 +24,9 @@ def advise(cfg: DictConfig) -> dict[str, Any]:
     validate_train_config(cfg)  # the same checks as training: a typo fails here, not after the measurement
     check_backbone_name(cfg.model.backbone)
     index = scan_configured(cfg)
-    backbone, _, pretrained_head = load_pretrained(cfg.model.backbone, cfg.model.weights, **OmegaConf.to_container(cfg.model.kwargs))
+    backbone, _, pretrained_head = load_pretrained(
+        cfg.model.backbone, cfg.model.weights, **OmegaConf.to_container(cfg.model.kwargs)
+    )
     preprocessing = resolve_preprocessing(backbone, cfg.data)
     index, _ = checked_index(index, cfg, preprocessing.image_size)  # measure on the files training would use
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)

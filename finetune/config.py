@@ -143,7 +143,7 @@ def _check_schedule(cfg: DictConfig) -> None:
     node = cfg.scheduler
     target = str(node.get("_target_") or "")
     name = target.rsplit(".", 1)[-1]
-    max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
+    max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.max_steps
     raw = OmegaConf.to_container(node, resolve=False)
     if max_epochs == -1:
         for key, value in raw.items():
@@ -159,7 +159,7 @@ def _check_schedule(cfg: DictConfig) -> None:
                 "trainer.max_steps=-1 gives the run no length. Set trainer.max_epochs=N or trainer.max_steps=N, or use "
                 f"{ENDLESS_SCHEDULES}."
             )
-        if (cfg.get("ensemble") or {}).get("snapshots"):
+        if cfg.ensemble.snapshots:
             raise FinetuneError("ensemble.snapshots=true takes its snapshots at the cycle ends that fit in "
                                 "trainer.max_epochs, but trainer.max_epochs=-1 sets no end. Set trainer.max_epochs=N.")
     if not target:
@@ -174,7 +174,7 @@ def _check_schedule(cfg: DictConfig) -> None:
             raise FinetuneError(f"scheduler.milestones={milestones} must be a list of epochs >= 1, e.g. "
                                 f"scheduler.milestones=[5,8].")
     _build_dummy_scheduler(cfg)
-    if isinstance(max_epochs, int) and max_epochs > 0 and node.get("interval", "epoch") == "epoch":
+    if isinstance(max_epochs, int) and max_epochs > 0 and node.interval == "epoch":
         _warn_short_schedule(node, name, max_epochs)
 
 
@@ -185,7 +185,7 @@ def _build_dummy_scheduler(cfg: DictConfig) -> None:
 
     from finetune.recipe.schedulers import build_lr_schedulers
 
-    max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
+    max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.max_steps
     total = max_steps if _whole(max_steps, 1) else max_epochs if _whole(max_epochs, 1) else 10
     try:
         _, factory, options = build_optimizer_and_scheduler(OmegaConf.create(
@@ -195,8 +195,8 @@ def _build_dummy_scheduler(cfg: DictConfig) -> None:
         warmup = {k: options.pop(k) for k in WARMUP_KEYS if k in options}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            build_lr_schedulers(optimizer, factory, options, int(warmup.get("warmup_epochs", 0) or 0),
-                                float(warmup.get("warmup_start_factor", 0.1)), 1, int(total))
+            build_lr_schedulers(optimizer, factory, options, int(warmup["warmup_epochs"]),
+                                float(warmup["warmup_start_factor"]), 1, int(total))
     except FinetuneError:
         raise
     except (ValueError, TypeError, ZeroDivisionError, OverflowError, RuntimeError) as e:

@@ -148,14 +148,14 @@ def check_train_config(cfg: DictConfig) -> None:
     _check_monitor("monitor", cfg.monitor)
     if cfg.monitor_mode not in ("min", "max"):
         raise FinetuneError(f"monitor_mode={cfg.monitor_mode} must be min or max.")
-    if cfg.get("score_checkpoint", "auto") not in ("auto", "best", "last"):
+    if cfg.score_checkpoint not in ("auto", "best", "last"):
         raise FinetuneError(f"score_checkpoint={cfg.score_checkpoint} must be auto, best or last.")
     for name, cb in (cfg.get("callbacks") or {}).items():
         if cb is not None and cb.get("monitor") is not None:
             _check_monitor(f"callbacks.{name}.monitor", cb.monitor)
     if cfg.scheduler.get("_target_") and cfg.scheduler.get("monitor") is not None:
         _check_monitor("scheduler.monitor", cfg.scheduler.monitor)
-    if cfg.policy.get("head_solver", "lbfgs") not in ("lbfgs", "optimizer"):
+    if cfg.policy.head_solver not in ("lbfgs", "optimizer"):
         raise FinetuneError(f"policy.head_solver={cfg.policy.head_solver} must be lbfgs or optimizer.")
     if float(cfg.data.val_fraction) + float(cfg.data.test_fraction) >= 1:
         raise FinetuneError("data.val_fraction + data.test_fraction must leave training images (sum < 1).")
@@ -164,10 +164,10 @@ def check_train_config(cfg: DictConfig) -> None:
 
 def _check_combinations(cfg: DictConfig) -> None:
     """Settings that are each valid but do not work together (or on this kind of machine)."""
-    views = cfg.policy.get("cache_views", 0)
+    views = cfg.policy.cache_views
     if not (isinstance(views, int) and views >= 0):
         raise FinetuneError(f"policy.cache_views={views} must be a whole number >= 0.")
-    if str(cfg.optimizer.get("_target_", "")).endswith("LBFGS"):
+    if str(cfg.optimizer._target_).endswith("LBFGS"):
         if any(tag in str(cfg.trainer.precision) for tag in ("16",)):
             raise FinetuneError(
                 f"optimizer=lbfgs does not work with trainer.precision={cfg.trainer.precision}: its line search "
@@ -184,21 +184,20 @@ def _check_combinations(cfg: DictConfig) -> None:
             "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is CUDA-only). On CPU leave it false, "
             "or keep BatchNorm on its pretrained statistics with regularization.trainable_bn=eval."
         )
-    if cfg.get("lr_scaling", "none") not in ("none", "linear", "sqrt"):
+    if cfg.lr_scaling not in ("none", "linear", "sqrt"):
         raise FinetuneError(f"lr_scaling={cfg.lr_scaling} must be none, linear or sqrt.")
-    warmup = cfg.scheduler.get("warmup_epochs", 0)
+    warmup = cfg.scheduler.warmup_epochs
     if not (isinstance(warmup, int) and warmup >= 0):
         raise FinetuneError(f"scheduler.warmup_epochs={warmup} must be a whole number of epochs >= 0.")
     _check_ensemble(cfg)
 
 
 def _check_ensemble(cfg: DictConfig) -> None:
-    ensemble = cfg.get("ensemble") or {}
-    size = ensemble.get("size", 1)
+    size = cfg.ensemble.size
     if not (isinstance(size, int) and size >= 1):
         raise FinetuneError(f"ensemble.size={size} must be a positive integer (1 = no ensemble).")
-    if ensemble.get("snapshots", False):
-        if not str(cfg.scheduler.get("_target_", "")).endswith("cosine_restarts"):
+    if cfg.ensemble.snapshots:
+        if not str(cfg.scheduler._target_ or "").endswith("cosine_restarts"):
             raise FinetuneError(
                 "ensemble.snapshots=true takes a snapshot at the end of each LR cycle, so it needs scheduler="
                 "cosine_restarts (set scheduler.cycle_epochs so that several cycles fit in trainer.max_epochs)."

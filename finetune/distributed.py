@@ -28,7 +28,8 @@ def distributed_run_id() -> str | None:
         return os.environ[RUN_ID_ENV]
     elastic = os.environ.get("TORCHELASTIC_RUN_ID")
     shared = (elastic if elastic and elastic != "none" else None) or (
-        f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '')}" if os.environ.get("SLURM_JOB_ID") else None)
+        f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '')}"
+        if os.environ.get("SLURM_JOB_ID") else None)
     if shared is None and rank_zero_only.rank == 0:
         shared = uuid.uuid4().hex
     if shared is not None:

@@ -17,10 +17,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from finetune.data.datasets import scan_configured
 from finetune.errors import FinetuneError, TrainingInterrupted
-from finetune.inference import ENSEMBLE_FILE
+from finetune.members import ENSEMBLE_FILE
 from finetune.prepare import checked_index
 from finetune.resume import with_values
-from finetune.run_files import resolve_run_dir, write_json, write_text
+from finetune.run_files import write_json, write_text
+from finetune.run_folder import resolve_run_dir
 from finetune.scoring import flat, score_checkpoints, summary
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ def train_ensemble(cfg: DictConfig, train_member: Callable[[DictConfig], dict[st
         else:
             log.info("Ensemble member %d/%d (seed %d) -> %s", k + 1, size, cfg.seed + k, member_dir)
             member_cfg = with_values(cfg, {"seed": int(cfg.seed) + k, "run_dir": str(member_dir), "ensemble.size": 1,
-                                           "resume": str(member_dir) if cfg.resume and (member_dir / "checkpoints" / "last.ckpt").is_file() else None})
+                                           "resume": str(member_dir)
+                                           if cfg.resume and (member_dir / "checkpoints" / "last.ckpt").is_file()
+                                           else None})
             try:
                 result = train_member(member_cfg)
             except TrainingInterrupted:

@@ -22,7 +22,7 @@ from torch import nn
 
 from finetune.errors import FinetuneError, close_matches
 from finetune.models.checkpoint import LoadedCheckpoint, load_classifier
-from finetune.run_files import check_output, write_output
+from finetune.outputs import check_output, write_output
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
@@ -57,7 +57,8 @@ def metadata(loaded: LoadedCheckpoint, dtype: str) -> dict[str, str]:
         "finetune.input": json.dumps({"layout": "NCHW", "channels": "RGB", "dtype": dtype,
                                       "range": "0..255" if dtype == "uint8" else "0..1",
                                       "size": [pp.image_size, pp.image_size],
-                                      "note": "resize the shorter side to size/crop_pct and centre-crop before feeding"}),
+                                      "note": ("resize the shorter side to size/crop_pct and centre-crop "
+                                               "before feeding")}),
         "finetune.output": "softmax probabilities, one per class in finetune.classes order",
     }
 
@@ -83,13 +84,14 @@ def check_export_output(output: Any, fmt: str, ckpt: Any, overwrite: bool = Fals
                             f"{'model.onnx' if fmt == 'onnx' else 'model.pt'}.")
     if SUFFIX_FORMAT.get(suffix, fmt) != fmt:
         raise FinetuneError(f"output={output} names a {SUFFIX_FORMAT[suffix]} file but format={fmt}: pass "
-                            f"format={SUFFIX_FORMAT[suffix]}, or name the file model.{'onnx' if fmt == 'onnx' else 'pt'}.")
+                            f"format={SUFFIX_FORMAT[suffix]}, or name the file "
+                            f"model.{'onnx' if fmt == 'onnx' else 'pt'}.")
     return path
 
 
 def _one_checkpoint(ckpt: Any) -> str:
     """``ckpt`` as one file: a run folder means the checkpoint it scored (as finetune-predict reads it)."""
-    from finetune.inference import resolve_members
+    from finetune.members import resolve_members
 
     members = resolve_members(ckpt)
     if len(members) > 1:
@@ -108,7 +110,8 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
     ckpt = _one_checkpoint(ckpt)
     output = check_export_output(output, fmt, ckpt, overwrite)
     loaded = load_classifier(ckpt)
-    model = DeployedClassifier(loaded.module.net.eval(), loaded.preprocessing.mean, loaded.preprocessing.std, dtype == "uint8").eval()
+    pp = loaded.preprocessing
+    model = DeployedClassifier(loaded.module.net.eval(), pp.mean, pp.std, dtype == "uint8").eval()
     size = loaded.preprocessing.image_size
     if check_images is None:
         generator = torch.Generator().manual_seed(0)
@@ -146,8 +149,9 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
         got = torch.from_numpy(run_onnx(data, example.numpy()))
     diff = float((got.detach() - expected).abs().max())
     if diff > 1e-4:
-        raise FinetuneError(f"the exported {fmt} model differs from torch by {diff:.2e} (> 1e-4) on {len(example)} images; "
-                            f"nothing was written to output={output}. Please report this with the backbone name.")
+        raise FinetuneError(f"the exported {fmt} model differs from torch by {diff:.2e} (> 1e-4) on {len(example)} "
+                            f"images; nothing was written to output={output}. "
+                            "Please report this with the backbone name.")
     write_output(output, data, overwrite=overwrite)
     return {"output": str(output), "format": fmt, "input_dtype": dtype, "input_shape": ["N", 3, size, size],
             "classes": loaded.classes, "max_abs_diff_vs_torch": diff, "checked_on": len(example)}
@@ -157,7 +161,8 @@ def run_onnx(model: str | Path | bytes, images) -> Any:
     """Run an ONNX model (a file, or its bytes) with onnxruntime on the CPU."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
+                                   providers=["CPUExecutionProvider"])
     return session.run(None, {"images": images})[0]
 
 
@@ -168,17 +173,17 @@ def run_export(cfg) -> dict[str, Any]:
     from finetune.config import check_known_keys
 
     check_known_keys(cfg, "export")
-    if not cfg.get("output"):
+    if not cfg.output:
         raise FinetuneError("output is not set: pass output=model.onnx (or model.pt for torchscript).")
     images = None
-    if cfg.get("check_images"):
+    if cfg.check_images:
         from finetune.data.datasets import scan_inputs
         from finetune.data.images import BadImageError, load_image
 
         paths = scan_inputs(cfg.check_images, key="check_images")
         reads = [("the check_images input", str(cfg.check_images))] + [("a check_images image", p) for p in paths]
         if str(cfg.format).lower() in FORMATS:  # else export() says what the formats are
-            check_export_output(cfg.output, str(cfg.format).lower(), _one_checkpoint(cfg.ckpt), bool(cfg.get("overwrite")),
+            check_export_output(cfg.output, str(cfg.format).lower(), _one_checkpoint(cfg.ckpt), bool(cfg.overwrite),
                                 reads)
         images = []
         for path in paths:  # up to 16 readable ones; an unreadable file is not worth stopping the export for
@@ -189,7 +194,7 @@ def run_export(cfg) -> dict[str, Any]:
             if len(images) == 16:
                 break
         images = images or None
-    result = export(cfg.ckpt, str(cfg.format), cfg.output, str(cfg.input_dtype), images, bool(cfg.get("overwrite")))
+    result = export(cfg.ckpt, str(cfg.format), cfg.output, str(cfg.input_dtype), images, bool(cfg.overwrite))
     print(f"Exported {result['format']} -> {result['output']} (input {result['input_dtype']} {result['input_shape']}, "
           f"{len(result['classes'])} classes); max |difference| vs torch on {result['checked_on']} images: "
           f"{result['max_abs_diff_vs_torch']:.2e}")

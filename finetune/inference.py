@@ -7,144 +7,37 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig
-from torch.utils.data import DataLoader
 
 from finetune.config import check_known_keys
-from finetune.data.datamodule import ImageListDataset, decode_side
-from finetune.data.datasets import IMAGE_EXTENSIONS, DatasetIndex, scan_dataset, scan_inputs
-from finetune.data.images import BadImageError
-from finetune.data.transforms import eval_transform
-from finetune.data.tta import check_tta, tta_batches
+from finetune.data.datasets import DatasetIndex, scan_dataset, scan_inputs
+from finetune.data.folders import IMAGE_EXTENSIONS
+from finetune.data.tta import check_tta
 from finetune.errors import FinetuneError, close_matches
-from finetune.models.checkpoint import LoadedCheckpoint, load_classifier, read_checkpoint
-from finetune.run_files import check_output, readable, resolve_run_dir, write_output
-
-log = logging.getLogger(__name__)
-
-# A run folder's list of member checkpoints (an ensemble or snapshot ensemble), relative to it.
-ENSEMBLE_FILE = "ensemble.json"
+from finetune.members import (
+    checkpoint_inputs,
+    device_for,
+    load_members,
+    member_probabilities,
+    resolve_members,
+    score_probabilities,
+)
+from finetune.outputs import check_output, write_output
+from finetune.run_files import readable
+from finetune.run_folder import resolve_run_dir
 
 
 def _split_to_score(index: DatasetIndex, split: str) -> str:
     if split == "auto":
         return next(s for s in ("test", "val", "train") if s in index.splits)
     if split not in index.splits:
-        raise FinetuneError(f"split={split} does not exist under data.root={index.root}; it has {', '.join(index.splits)}.")
+        raise FinetuneError(f"split={split} does not exist under data.root={index.root}; "
+                            f"it has {', '.join(index.splits)}.")
     return split
-
-
-def resolve_members(ckpt: Any, key: str = "ckpt") -> list[str]:
-    """Checkpoint paths from ``ckpt``: a .ckpt file, a list of them, or a run folder (its ensemble's
-    members from ensemble.json, else the checkpoint its metrics.json says the run scored, else best.ckpt)."""
-    if isinstance(ckpt, (list, tuple, ListConfig)):
-        return [p for item in ckpt for p in resolve_members(item, key)]
-    if ckpt in (None, "", "???"):
-        read_checkpoint(None, key)  # the standard "not set" error
-    path = Path(str(ckpt)).expanduser()
-    if path.is_dir():
-        listing = path / ENSEMBLE_FILE
-        if listing.is_file():
-            return [str(path / m) if not Path(m).is_absolute() else m for m in json.loads(listing.read_text())["members"]]
-        return [str(_scored_checkpoint(path))]
-    return [str(path)]
-
-
-def _scored_checkpoint(run: Path) -> Path:
-    """RUN/checkpoints/<the file the run scored> (best.ckpt or last.ckpt, see score_checkpoint), looked up
-    by name inside ``run`` so a moved run folder still resolves; best.ckpt for runs without that record."""
-    try:
-        scored = json.loads((run / "metrics.json").read_text()).get("scored_checkpoint")
-    except (OSError, ValueError):
-        scored = None
-    candidate = run / "checkpoints" / Path(str(scored)).name if scored else None
-    if candidate is not None and candidate.is_file():
-        return candidate
-    best, last = run / "checkpoints" / "best.ckpt", run / "checkpoints" / "last.ckpt"
-    if not best.is_file() and last.is_file():  # a run without the best-checkpoint callback, or still in epoch 1
-        log.warning("%s has no checkpoints/best.ckpt; using %s.", run, last)
-        return last
-    if not best.is_file() and (run / "config.yaml").is_file():
-        raise FinetuneError(
-            f"{run} is a run folder without a checkpoint (no checkpoints/best.ckpt or last.ckpt): it is still in its "
-            f"first epoch, stopped before saving one, or ran without the checkpoint callbacks. Wait for it to save one, "
-            f"or pass ckpt=FILE.ckpt.")
-    return best
-
-
-def load_members(ckpt: Any, key: str = "ckpt") -> list[LoadedCheckpoint]:
-    """Every member checkpoint, checked to agree on classes and preprocessing (so they can be averaged)."""
-    members = [load_classifier(p, key) for p in resolve_members(ckpt, key)]
-    first = members[0]
-    for other in members[1:]:
-        if other.classes != first.classes or other.preprocessing != first.preprocessing:
-            raise FinetuneError(
-                f"{key}: {other.path} and {first.path} cannot be averaged: their classes or preprocessing differ."
-            )
-    return members
-
-
-def device_for(accelerator: str) -> torch.device:
-    use_cuda = str(accelerator) in ("auto", "cuda", "gpu") and torch.cuda.is_available()
-    return torch.device("cuda" if use_cuda else "cpu")
-
-
-class _SkippingImages(ImageListDataset):
-    """(image, index, error): a file that cannot be decoded gives a blank image and its error instead of
-    stopping the pass, so one bad file among thousands costs only its own row."""
-
-    def __init__(self, *args: Any, image_size: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.image_size = image_size
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:  # type: ignore[override]
-        try:
-            return super().__getitem__(i)[0], i, ""
-        except BadImageError as e:
-            return torch.zeros(3, self.image_size, self.image_size), i, str(e) or "unreadable"
-
-
-def member_probabilities(members: Sequence[LoadedCheckpoint], samples: Sequence[tuple[str, int]], tta: Sequence[str],
-                         batch_size: int, device: torch.device, num_workers: int = 0,
-                         skipped: dict[str, str] | None = None) -> torch.Tensor:
-    """Softmax probabilities [members, images, classes], each averaged over the TTA views.
-
-    With ``skipped`` (a dict), unreadable images do not stop the pass: their rows are meaningless and
-    ``skipped`` maps each one's path to why (as training's data check words it)."""
-    pp = members[0].preprocessing
-    if skipped is None:
-        dataset = ImageListDataset(samples, eval_transform(pp), max_side=decode_side(pp))
-    else:
-        dataset = _SkippingImages(samples, eval_transform(pp), max_side=decode_side(pp), image_size=pp.image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    per_member = []
-    for member in members:
-        module = member.module.to(device).eval()
-        chunks = []
-        with torch.inference_mode():
-            for images, *rest in loader:
-                if skipped is not None:
-                    for i, error in zip(rest[0].tolist(), rest[1]):
-                        if error and samples[i][0] not in skipped:
-                            skipped[samples[i][0]] = _why_unreadable(samples[i][0], error)
-                views = tta_batches(images.to(device), tta)
-                chunks.append(torch.stack([module(v).softmax(dim=-1) for v in views]).mean(0).cpu())
-        per_member.append(torch.cat(chunks))
-    return torch.stack(per_member)
-
-
-def _why_unreadable(path: str, error: str) -> str:
-    """'kind: detail' as training's data check reports it (zero_byte, not_image, truncated, corrupt)."""
-    from finetune.data.validate import check_file
-
-    result = check_file(path)
-    return f"{result['kind']}: {result.get('detail', '')}" if result.get("kind") else error
 
 
 def _positive_int(value: Any, key: str) -> int:
@@ -157,37 +50,11 @@ def _checked_device(accelerator: Any) -> torch.device:
     """device_for, refusing what it would otherwise quietly replace by the CPU."""
     name = str(accelerator)
     if name not in ("auto", "cpu", "cuda", "gpu"):
-        raise FinetuneError(f"accelerator={name} is not one of auto, cpu, cuda, gpu.{close_matches(name, ('auto', 'cpu', 'cuda', 'gpu'))}")
+        raise FinetuneError(f"accelerator={name} is not one of auto, cpu, cuda, gpu."
+                            f"{close_matches(name, ('auto', 'cpu', 'cuda', 'gpu'))}")
     if name in ("cuda", "gpu") and not torch.cuda.is_available():
         raise FinetuneError(f"accelerator={name}, but torch sees no CUDA GPU here; use accelerator=cpu (or auto).")
     return device_for(name)
-
-
-def _checkpoint_inputs(ckpt: Any, members: Sequence[str]) -> list[tuple[str, str]]:
-    """The files a command reads for ``ckpt``: each member, and a run folder's ensemble/metrics records."""
-    items = list(ckpt) if isinstance(ckpt, (list, tuple, ListConfig)) else [ckpt]
-    reads = [("the checkpoint being read", m) for m in members]
-    for item in items:
-        folder = Path(str(item)).expanduser()
-        if folder.is_dir():
-            reads += [("the checkpoint's run folder", str(folder))]
-            reads += [(f"the run's {name}", str(folder / name)) for name in (ENSEMBLE_FILE, "metrics.json")]
-    return reads
-
-
-def score_probabilities(probs: torch.Tensor, labels: Sequence[int]) -> dict[str, Any]:
-    """Accuracy and NLL of the averaged probabilities, and of each member when there are several."""
-    y = torch.as_tensor(list(labels))
-    mean = probs.mean(0)
-    scores: dict[str, Any] = {
-        "acc": float((mean.argmax(-1) == y).float().mean()),
-        "loss": float(-mean.gather(1, y[:, None]).clamp_min(1e-12).log().mean()),
-    }
-    if len(probs) > 1:
-        members = [float((p.argmax(-1) == y).float().mean()) for p in probs]
-        scores["member_acc"] = members
-        scores["mean_member_acc"] = sum(members) / len(members)
-    return scores
 
 
 def _split_samples(index: DatasetIndex, split: str, classes: list[str], root: Any) -> list[tuple[str, int]]:
@@ -235,7 +102,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     tta = check_tta(cfg.tta)
     batch_size = _positive_int(cfg.data.batch_size, "data.batch_size")
     if isinstance(cfg.data.num_workers, bool) or not isinstance(cfg.data.num_workers, int) or cfg.data.num_workers < 0:
-        raise FinetuneError(f"data.num_workers={cfg.data.num_workers} must be 0 (load in this process) or a positive integer.")
+        raise FinetuneError(f"data.num_workers={cfg.data.num_workers} must be 0 (load in this process) or a "
+                            f"positive integer.")
     device = _checked_device(cfg.accelerator)
     # The run folder first (it is created here): a bad run_dir fails before the checkpoint is loaded.
     try:
@@ -245,9 +113,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
                             f"Choose another run_dir.") from None
     output = run_dir / "eval_metrics.json"
     if output.is_file() and not cfg.overwrite:
-        raise FinetuneError(f"run_dir={cfg.run_dir or run_dir} already holds an eval_metrics.json (an earlier evaluation); pass "
-                            f"overwrite=true to replace it, or choose another run_dir.")
-    output = check_output(output, _checkpoint_inputs(cfg.ckpt, resolve_members(cfg.ckpt)), overwrite=True,
+        raise FinetuneError(f"run_dir={cfg.run_dir or run_dir} already holds an eval_metrics.json (an earlier "
+                            f"evaluation); pass overwrite=true to replace it, or choose another run_dir.")
+    output = check_output(output, checkpoint_inputs(cfg.ckpt, resolve_members(cfg.ckpt)), overwrite=True,
                           key="run_dir")
     members = load_members(cfg.ckpt)
     # One class is fine here: scoring a checkpoint on a folder of a single class is a real use.
@@ -265,7 +133,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         probs, samples = probs[:, keep], [samples[i] for i in keep]
     scores = score_probabilities(probs, [label for _, label in samples])
     metrics = {
-        "ckpt": [str(Path(m.path).resolve()) for m in members] if len(members) > 1 else str(Path(members[0].path).resolve()),
+        "ckpt": ([str(Path(m.path).resolve()) for m in members] if len(members) > 1
+                 else str(Path(members[0].path).resolve())),
         "data_root": index.root,
         "split": "all" if index.layout == "class_folders" else split,
         "images": len(samples),
@@ -304,7 +173,7 @@ def predict(cfg: DictConfig) -> Path:
     batch_size = _positive_int(cfg.batch_size, "batch_size")
     device = _checked_device(cfg.accelerator)
     paths, reads = _scan_input_list(cfg.input)
-    output = check_output(cfg.output, _checkpoint_inputs(cfg.ckpt, resolve_members(cfg.ckpt)) + reads,
+    output = check_output(cfg.output, checkpoint_inputs(cfg.ckpt, resolve_members(cfg.ckpt)) + reads,
                           overwrite=bool(cfg.overwrite))
     if output.suffix.lower() in IMAGE_EXTENSIONS | {".ckpt"}:
         raise FinetuneError(f"output={cfg.output} names an image or checkpoint file, but predictions are a CSV "

@@ -61,7 +61,8 @@ def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularizati
     kwargs = regularization.model_kwargs(OmegaConf.to_container(cfg.model.kwargs))
     backbone, weight_source, pretrained_head = load_pretrained(cfg.model.backbone, cfg.model.weights, **kwargs)
     preprocessing = resolve_preprocessing(backbone, cfg.data)
-    log.info("Preprocessing (from %s's pretrained config unless overridden): %s", cfg.model.backbone, preprocessing.to_dict())
+    log.info("Preprocessing (from %s's pretrained config unless overridden): %s",
+             cfg.model.backbone, preprocessing.to_dict())
 
     index, data_report = checked_index(index, cfg, preprocessing.image_size)
     index, no_validation = without_validation(index, cfg, trainer)  # no val split: said loudly, nothing follows it
@@ -81,7 +82,9 @@ def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularizati
     trainable, frozen = count_parameters(module)
     record = choice.record() | {
         "parameters": {"trainable": trainable, "frozen": frozen, "per_group": stage_map.parameter_counts(net)},
-        "feature_cache": {"used": use_cache, "why": cache_note, "head_solver": module.head_solver if use_cache else None},
+        "feature_cache": {
+            "used": use_cache, "why": cache_note, "head_solver": module.head_solver if use_cache else None
+        },
         "notes": [cache_note] if use_cache and augment_is_active(augment) else [],
         "run_id": run_id,
     }
@@ -103,7 +106,8 @@ def policy_choice(cfg: DictConfig, policy_cfg: dict[str, Any], run_dir: Path, re
     saved_record = resumed.policy_record() if resumed else None
     if saved_record is not None:  # the plan the checkpoint was trained with; measuring again could differ
         choice = choice_from_record(saved_record, policy_cfg)
-        log.info("Resuming with the run's policy decision (%s) from %s", saved_record["policy_applied"], resumed.policy_file)
+        log.info("Resuming with the run's policy decision (%s) from %s",
+                 saved_record["policy_applied"], resumed.policy_file)
     else:
         choice = decision_of_rank_zero(run_dir, run_id, policy_cfg) if rank_zero_only.rank != 0 and run_id else None
     if choice is None:
@@ -162,7 +166,8 @@ def feature_cache_plan(cfg: DictConfig, policy_cfg: dict[str, Any], plan, augmen
     head_solver = str(policy_cfg["head_solver"])
     if use_cache and head_solver == "lbfgs" and (regularization.dropout > 0 or regularization.drop_connect > 0):
         head_solver = "optimizer"  # random masks would make L-BFGS's line search see a different loss each call
-        cache_note += "; the head trains with the configured optimizer (dropout/DropConnect are random per step, which L-BFGS cannot use)"
+        cache_note += ("; the head trains with the configured optimizer "
+                       "(dropout/DropConnect are random per step, which L-BFGS cannot use)")
     if use_cache and head_solver == "lbfgs":  # say what the L-BFGS head leaves out (log, policy.json)
         cache_note += lbfgs_head_note(cfg)
     return use_cache, cache_note, head_solver
@@ -185,7 +190,8 @@ def cache_decision(policy_cfg: dict[str, Any], plan, augment: dict[str, Any] | N
         views = int(policy_cfg["cache_views"] or 0)
         if views > 0:
             return True, (f"used: only the head trains, so the frozen network runs once over the data, plus {views} "
-                          f"augmented views of every training image (policy.cache_views) with the configured augmentation")
+                          f"augmented views of every training image (policy.cache_views) "
+                          f"with the configured augmentation")
         return True, (
             "used: only the head trains, so the frozen network runs once; the configured augmentation "
             "is NOT applied (policy.cache_views=0; set it to K to cache K augmented views, or policy.cache=false "

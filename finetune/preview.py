@@ -21,7 +21,7 @@ from finetune.data.images import BadImageError, load_image
 from finetune.data.mixing import build_batch_mixer
 from finetune.data.transforms import Preprocessing, eval_transform, train_transform
 from finetune.errors import FinetuneError
-from finetune.run_files import write_output
+from finetune.outputs import write_output
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ def _draw_grid(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, Any
         mixed, soft = mixer(torch.stack(first_draws), torch.tensor([label for _, label in samples]))
         for row, x, weights in zip(grid, mixed, soft):
             top = weights.topk(min(2, len(weights)))
-            text = " / ".join(f"{index.classes[i][:10]} {v:.2f}" for v, i in zip(top.values.tolist(), top.indices.tolist()) if v > 0)
+            text = " / ".join(
+                f"{index.classes[i][:10]} {v:.2f}" for v, i in zip(top.values.tolist(), top.indices.tolist()) if v > 0
+            )
             row.append((_to_image(x, pp), f"mixed: {text}"))
     return grid
 
@@ -174,7 +176,7 @@ def preview(cfg) -> Path:
     from finetune.data.datasets import scan_configured
     from finetune.data.transforms import resolve_preprocessing
     from finetune.models.backbone import check_backbone_name
-    from finetune.run_files import check_output
+    from finetune.outputs import check_output
 
     check_known_keys(cfg, "preview")
     for key in ("rows", "draws"):

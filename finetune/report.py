@@ -20,9 +20,7 @@ from typing import Any
 import numpy as np
 
 from finetune.conf import preset
-from finetune.data.datamodule import decode_side
-from finetune.data.images import load_image
-from finetune.data.transforms import eval_transform
+from finetune.figures import plot_confusion, plot_curves, plot_wrong
 from finetune.run_files import write_text
 
 log = logging.getLogger(__name__)
@@ -67,107 +65,9 @@ def read_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
     # The scoring of the chosen checkpoint after fit logs val/* once more, at an epoch with no training.
     last_train = max((e for k, v in series.items() if k.startswith("train/") for e, _ in v), default=None)
     if last_train is not None:
-        series = {k: [(e, x) for e, x in v if k.startswith(("train/", "lr-")) or e <= last_train] for k, v in series.items()}
+        series = {k: [(e, x) for e, x in v if k.startswith(("train/", "lr-")) or e <= last_train]
+                  for k, v in series.items()}
     return series
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_curves(series: dict[str, list[tuple[int, float]]], path: Path, reductions: Sequence[dict]) -> Path | None:
-    if not series:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = (("loss", ("train/loss_epoch", "val/loss", "train_eval/loss")),
-              ("accuracy", ("train/acc", "val/acc", "train_eval/acc")))
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            if key in series:
-                xs, ys = zip(*series[key])
-                ax.plot([x + 1 for x in xs], ys, marker="o", ms=3, label=key.replace("_epoch", ""))
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    lr_keys = [k for k in series if k.startswith("lr-")]
-    shown = [k for k in lr_keys if k.endswith("/head")] or lr_keys[:1]
-    shown += [k for k in lr_keys if k not in shown and not k.endswith("_no_decay")][:3]
-    for key in shown:
-        xs, ys = zip(*series[key])
-        axes[2].plot([x + 1 for x in xs], ys, marker=".", label=key.split("/", 1)[-1])
-    for r in reductions:
-        axes[2].axvline(r["after_epoch"] + 1, color="red", ls="--", lw=0.8)
-    axes[2].set_yscale("log")
-    axes[2].set_title("learning rate" + (" (red: plateau reductions)" if reductions else ""))
-    axes[2].set_xlabel("epoch")
-    if shown:
-        axes[2].legend(fontsize=7)
-    axes[2].grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
-    plt = _plt()
-    k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.8 + 0.5 * k))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(k), [c[:14] for c in classes], rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), [c[:14] for c in classes], fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    top = cm.max() if cm.size else 0
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if cm[i, j] > top / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def plot_wrong(samples: Sequence[tuple[str, int]], probs: np.ndarray, classes: Sequence[str], pp, path: Path,
-               limit: int = 16) -> tuple[Path | None, list[dict[str, Any]]]:
-    """The most confidently wrong images: what the model believes most strongly and gets wrong."""
-    pred = probs.argmax(1)
-    wrong = [i for i, (_, y) in enumerate(samples) if pred[i] != y]
-    wrong.sort(key=lambda i: -probs[i, pred[i]])
-    wrong = wrong[:limit]
-    rows = [{"path": samples[i][0], "true": classes[samples[i][1]], "predicted": classes[pred[i]],
-             "confidence": float(probs[i, pred[i]])} for i in wrong]
-    if not wrong:
-        return None, rows
-    plt = _plt()
-    cols = min(8, len(wrong))
-    nrows = -(-len(wrong) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(1.8 * cols, 2.5 * nrows + 0.3), squeeze=False)
-    transform = eval_transform(pp)
-    mean, std = np.array(pp.mean), np.array(pp.std)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, row in zip(axes.flat, rows):
-        x = transform(image=load_image(row["path"], decode_side(pp)))["image"].permute(1, 2, 0).numpy()
-        ax.imshow(np.clip(x * std + mean, 0, 1))
-        ax.set_title(f"{row['predicted'][:12]} {row['confidence']:.2f}\n(true: {row['true'][:12]})", fontsize=7)
-    fig.suptitle("Most confidently wrong validation images: predicted, confidence (true class)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path, rows
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -215,11 +115,14 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
             body.append(f'<p><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}"></p>')
         elif kind == "table":
             head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in block[2])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+                           for row in block[2])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "th{background:#f3f3f3}pre{background:#f7f7f7;padding:0.8em;overflow-x:auto;font-size:12px}img{max-width:100%}")
+             "table{border-collapse:collapse;margin:0.5em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "th{background:#f3f3f3}pre{background:#f7f7f7;padding:0.8em;overflow-x:auto;font-size:12px}"
+             "img{max-width:100%}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
@@ -239,16 +142,13 @@ def _section(what: str, blocks: list[Block], problems: list[str]) -> Iterator[No
         blocks.append(("p", f"The {what} could not be drawn ({type(e).__name__}: {e})."))
 
 
-def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[str, Any], cfg: Any,
-                 policy_block: str, split_probs: dict[str, np.ndarray], preprocessing) -> dict[str, Any]:
-    """Write report.md, report.html and their PNGs into ``run_dir``; returns the written files, and
-    under "problems" the figures that could not be drawn (the report is written without them)."""
-    classes = index.classes
-    files: dict[str, Any] = {}
-    problems: list[str] = []
+
+def _summary_blocks(run_dir: Path, metrics: dict[str, Any], cfg: Any) -> list[Block]:
+    """The title, a warning when there was no validation split, and the headline scores."""
     blocks: list[Block] = [("h", f"finetune run: {Path(run_dir).name}", 1)]
-    summary = [[k, _fmt(metrics[k])] for k in ("val/acc", "val/loss", "train_eval/acc", "train_eval/loss", "test/acc",
-                                                "test/loss", "epochs", "fit_seconds") if k in metrics]
+    keys = ("val/acc", "val/loss", "train_eval/acc", "train_eval/loss", "test/acc", "test/loss", "epochs",
+            "fit_seconds")
+    summary = [[k, _fmt(metrics[k])] for k in keys if k in metrics]
     intro = (f"Backbone {cfg.model.backbone} ({metrics.get('weights')} weights), policy {metrics.get('policy')}, "
              f"run folder {run_dir}.")
     if metrics.get("checkpoint_choice"):
@@ -258,11 +158,16 @@ def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[
                 "model trained on and say nothing about new images; no epoch was picked by them (no best.ckpt, no "
                 "early stopping). Set data.val_fraction or add a val folder to measure the model.")
         blocks.append(("p", note))
-    blocks += [("p", intro), ("table", ["metric", "value"], summary)]
+    return blocks + [("p", intro), ("table", ["metric", "value"], summary)]
 
-    blocks += [("h", "Dataset"), ("p", index.summary())]
+
+def _dataset_blocks(run_dir: Path, index) -> list[Block]:
+    """Images per class and split, and the data check's findings (RUN/data_report.json)."""
+    classes = index.classes
+    blocks: list[Block] = [("h", "Dataset"), ("p", index.summary())]
     counts = {split: np.bincount([y for _, y in s], minlength=len(classes)) for split, s in index.splits.items()}
-    blocks.append(("table", ["class", *counts], [[c, *(int(counts[s][i]) for s in counts)] for i, c in enumerate(classes)]))
+    blocks.append(("table", ["class", *counts],
+                   [[c, *(int(counts[s][i]) for s in counts)] for i, c in enumerate(classes)]))
     data_report = Path(run_dir) / "data_report.json"
     if data_report.is_file():
         import json
@@ -271,30 +176,40 @@ def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[
         problems = report.get("problems", [])
         blocks.append(("p", f"Data check: {len(problems)} problem(s) found ({data_report.name} lists them by path)."))
         if problems:
-            blocks.append(("table", ["kind", "path", "detail"], [[p["kind"], p["path"], p.get("detail", "")] for p in problems[:30]]))
+            blocks.append(("table", ["kind", "path", "detail"],
+                           [[p["kind"], p["path"], p.get("detail", "")] for p in problems[:30]]))
+    return blocks
 
-    blocks += [("h", "Transfer policy"), ("pre", policy_block)]
 
+def _recipe_blocks(metrics: dict[str, Any], cfg: Any) -> list[Block]:
+    """Optimizer, LR schedule, what the regularization changed from its defaults, augmentation, and the
+    plateau LR reductions."""
     sched = {k: v for k, v in dict(cfg.scheduler).items() if k not in ("_partial_",)}
     opt = {k: v for k, v in dict(cfg.optimizer).items() if k not in ("_partial_",)}
     defaults = preset("regularization", "default")  # what the run changed: the YAML's defaults are not listed
     reg = {k: v for k, v in metrics.get("regularization", {}).items() if v != defaults.get(k)}
     augment = dict(cfg.augment)
-    blocks += [("h", "Recipe"), ("table", ["part", "configuration"], [
+    blocks: list[Block] = [("h", "Recipe"), ("table", ["part", "configuration"], [
         ["optimizer", ", ".join(f"{k}={v}" for k, v in opt.items())],
         ["LR schedule", ", ".join(f"{k}={v}" for k, v in sched.items())],
-        ["regularization", ", ".join(f"{k}={v}" for k, v in reg.items()) or "none beyond the optimizer's weight decay"],
+        ["regularization",
+         ", ".join(f"{k}={v}" for k, v in reg.items()) or "none beyond the optimizer's weight decay"],
         ["augmentation", f"crop={augment['crop']}, transforms={list(augment['transforms'] or [])}"],
         ["batch size / epochs", f"{cfg.data.batch_size} / max {cfg.trainer.max_epochs}"],
     ])]
     reductions = metrics.get("lr_reductions") or []
     if reductions:
         blocks.append(("table", ["after epoch", "monitor", "new LR (head or first group)"],
-                       [[r["after_epoch"], r["monitor"], next(iter(r["lr"].values())) if "head" not in r["lr"] else r["lr"]["head"]]
+                       [[r["after_epoch"], r["monitor"],
+                         next(iter(r["lr"].values())) if "head" not in r["lr"] else r["lr"]["head"]]
                         for r in reductions]))
     else:
         blocks.append(("p", "No plateau LR reductions."))
+    return blocks
 
+
+def _add_curves(run_dir: Path, reductions: Sequence[dict], blocks: list[Block], problems: list,
+                files: dict[str, Any]) -> None:
     with _section("learning curves", blocks, problems):
         curves = plot_curves(read_curves(Path(run_dir) / "logs" / "metrics.csv"), Path(run_dir) / "learning_curves.png",
                              reductions)
@@ -302,32 +217,58 @@ def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[
             files["learning_curves"] = curves
             blocks += [("h", "Learning curves"), ("img", curves, "learning curves")]
 
+
+def _add_per_class(run_dir: Path, index, metrics: dict[str, Any], split_probs: dict[str, np.ndarray],
+                   blocks: list[Block], problems: list, files: dict[str, Any]) -> None:
+    """The confusion matrix and per-class scores of the test split (else val), of the scored checkpoint."""
     split = "test" if "test" in split_probs else "val"
     which = Path(str(metrics.get("scored_checkpoint") or "final weights")).stem.replace("_", " ")
-    if split in split_probs:
-        with _section("confusion matrix and per-class results", blocks, problems):
-            samples = index.splits[split]
-            scores = per_class_scores(split_probs[split], [y for _, y in samples], classes)
-            title = f"{split} split, {which} checkpoint (accuracy {scores['accuracy']:.4f})"
-            files["confusion_matrix"] = plot_confusion(scores["confusion"], classes,
-                                                       Path(run_dir) / "confusion_matrix.png", title)
-            blocks += [("h", f"Per-class results ({split} split, {which} checkpoint)"),
-                       ("img", files["confusion_matrix"], "confusion matrix"),
-                       ("table", ["class", "precision", "recall", "F1", "support"],
-                        [[c, float(scores["precision"][i]), float(scores["recall"][i]), float(scores["f1"][i]),
-                          int(scores["support"][i])] for i, c in enumerate(classes)])]
-    if "val" in split_probs:
-        with _section("most confidently wrong validation images", blocks, problems):
-            wrong_png, rows = plot_wrong(index.splits["val"], split_probs["val"], classes, preprocessing,
-                                         Path(run_dir) / "confidently_wrong.png")
-            blocks.append(("h", "Most confidently wrong validation images"))
-            if wrong_png:
-                files["confidently_wrong"] = wrong_png
-                blocks += [("img", wrong_png, "most confidently wrong validation images"),
-                           ("table", ["path", "true", "predicted", "confidence"],
-                            [[r["path"], r["true"], r["predicted"], r["confidence"]] for r in rows])]
-            else:
-                blocks.append(("p", "None: every validation image is classified correctly."))
+    if split not in split_probs:
+        return
+    classes = index.classes
+    with _section("confusion matrix and per-class results", blocks, problems):
+        samples = index.splits[split]
+        scores = per_class_scores(split_probs[split], [y for _, y in samples], classes)
+        title = f"{split} split, {which} checkpoint (accuracy {scores['accuracy']:.4f})"
+        files["confusion_matrix"] = plot_confusion(scores["confusion"], classes,
+                                                   Path(run_dir) / "confusion_matrix.png", title)
+        blocks += [("h", f"Per-class results ({split} split, {which} checkpoint)"),
+                   ("img", files["confusion_matrix"], "confusion matrix"),
+                   ("table", ["class", "precision", "recall", "F1", "support"],
+                    [[c, float(scores["precision"][i]), float(scores["recall"][i]), float(scores["f1"][i]),
+                      int(scores["support"][i])] for i, c in enumerate(classes)])]
+
+
+def _add_wrong(run_dir: Path, index, split_probs: dict[str, np.ndarray], preprocessing, blocks: list[Block],
+               problems: list, files: dict[str, Any]) -> None:
+    if "val" not in split_probs:
+        return
+    with _section("most confidently wrong validation images", blocks, problems):
+        wrong_png, rows = plot_wrong(index.splits["val"], split_probs["val"], index.classes, preprocessing,
+                                     Path(run_dir) / "confidently_wrong.png")
+        blocks.append(("h", "Most confidently wrong validation images"))
+        if wrong_png:
+            files["confidently_wrong"] = wrong_png
+            blocks += [("img", wrong_png, "most confidently wrong validation images"),
+                       ("table", ["path", "true", "predicted", "confidence"],
+                        [[r["path"], r["true"], r["predicted"], r["confidence"]] for r in rows])]
+        else:
+            blocks.append(("p", "None: every validation image is classified correctly."))
+
+
+def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[str, Any], cfg: Any,
+                 policy_block: str, split_probs: dict[str, np.ndarray], preprocessing) -> dict[str, Any]:
+    """Write report.md, report.html and their PNGs into ``run_dir``; returns the written files, and
+    under "problems" the figures that could not be drawn (the report is written without them)."""
+    files: dict[str, Any] = {}
+    blocks = _summary_blocks(run_dir, metrics, cfg)
+    problems: list[str] = []  # figures that could not be drawn (the data check's findings are its own)
+    blocks += _dataset_blocks(run_dir, index)
+    blocks += [("h", "Transfer policy"), ("pre", policy_block)]
+    blocks += _recipe_blocks(metrics, cfg)
+    _add_curves(run_dir, metrics.get("lr_reductions") or [], blocks, problems, files)
+    _add_per_class(run_dir, index, metrics, split_probs, blocks, problems, files)
+    _add_wrong(run_dir, index, split_probs, preprocessing, blocks, problems, files)
 
     write_text(Path(run_dir) / "report.md", to_markdown(blocks))
     write_text(Path(run_dir) / "report.html", to_html(blocks, f"finetune run {Path(run_dir).name}"))

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.errors import FinetuneError
-from finetune.run_files import resolve_run_dir, run_folder_of
+from finetune.run_folder import resolve_run_dir, run_folder_of
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def run_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     user_flat = _flatten(OmegaConf.to_container(user, resolve=True))
     typed = _typed_keys(cfg)
     changed = sorted(k for k in set(user_flat) | set(saved_flat)
-                     if k not in ("run_dir", "resume") and typed(k) and user_flat.get(k, _ABSENT) != saved_flat.get(k, _ABSENT))
+                     if k not in ("run_dir", "resume") and typed(k)
+                     and user_flat.get(k, _ABSENT) != saved_flat.get(k, _ABSENT))
     refused = [k for k in changed if k not in RESUME_SAFE_KEYS] + _length_bound_schedule(changed, saved)
     if refused:
         def show(flat, k):
@@ -88,7 +89,8 @@ def run_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     OmegaConf.update(merged, "run_dir", str(run_dir), merge=False)
     OmegaConf.update(merged, "resume", str(resume), merge=False)
     OmegaConf.set_struct(merged, True)
-    log.info("Resuming the run in %s with its config.yaml%s", source, f", continued in {run_dir}" if run_dir != source else "")
+    log.info("Resuming the run in %s with its config.yaml%s",
+             source, f", continued in {run_dir}" if run_dir != source else "")
     return merged, run_dir
 
 
@@ -221,7 +223,8 @@ class ResumePoint:
     def read(cls, path: str) -> ResumePoint:
         from finetune.models.checkpoint import read_checkpoint
 
-        return cls(Path(path), read_checkpoint(path, key="resume"))  # a clear error for a missing, foreign or unsafe file
+        # a clear error for a missing, foreign or unsafe file
+        return cls(Path(path), read_checkpoint(path, key="resume"))
 
     def policy_record(self) -> dict[str, Any] | None:
         """The run's policy.json next to the checkpoint's folder, or None (a checkpoint outside a run folder)."""
@@ -237,7 +240,8 @@ class ResumePoint:
             gone, new = sorted(set(self.classes) - set(classes)), sorted(set(classes) - set(self.classes))
             raise FinetuneError(
                 f"resume={self.path} was trained on {len(self.classes)} classes, but the data now has {len(classes)}"
-                + (f"; missing: {', '.join(gone[:8])}" if gone else "") + (f"; new: {', '.join(new[:8])}" if new else "")
+                + (f"; missing: {', '.join(gone[:8])}" if gone else "")
+                + (f"; new: {', '.join(new[:8])}" if new else "")
                 + ("" if gone or new else " in another order") + ". The data changed since the run was trained: "
                 "restore it, or train a new run (another run_dir) on the data as it is."
             )

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from finetune.inference import device_for, load_members, member_probabilities, score_probabilities
+from finetune.members import device_for, load_members, member_probabilities, score_probabilities
 from finetune.policy.choose import format_policy_block
 from finetune.recipe.callbacks import LRTrace, plateau_scheduler
 from finetune.report import write_report
@@ -49,7 +49,8 @@ def scoring_checkpoint(mode: str, trainer: L.Trainer, lr_trace: LRTrace, best: s
     last_path = str(last) if last.is_file() else None
     if mode == "auto":
         if plateau_scheduler(trainer) is not None:
-            mode, why = "best", "the best epoch by the monitored metric (ReduceLROnPlateau: its reductions follow validation)"
+            mode, why = "best", ("the best epoch by the monitored metric "
+                                 "(ReduceLROnPlateau: its reductions follow validation)")
         elif lr_trace.annealed(ANNEALED_FRACTION):
             mode, why = "last", (f"the last epoch (the LR annealed to {lr_trace.last:.3g}, at most "
                                  f"{ANNEALED_FRACTION:g} x its peak {lr_trace.peak:.3g})")

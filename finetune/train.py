@@ -26,7 +26,7 @@ from finetune.config import instantiate_named, validate_train_config
 from finetune.ensemble import train_ensemble
 from finetune.errors import FinetuneError, TrainingInterrupted
 from finetune.history import HistoryCSVLogger
-from finetune.inference import ENSEMBLE_FILE
+from finetune.members import ENSEMBLE_FILE
 from finetune.models.backbone import check_backbone_name
 from finetune.prepare import NO_VALIDATION, Prepared, prepare_run
 from finetune.preview import write_preview_or_warn
@@ -40,15 +40,13 @@ from finetune.recipe.callbacks import (
 from finetune.recipe.regularization import Regularization
 from finetune.recipe.schedulers import cycle_end_epochs
 from finetune.resume import ResumePoint, resume_checkpoint, run_config, with_value
-from finetune.run_files import (
-    atomic_checkpoint_io,
+from finetune.run_files import atomic_checkpoint_io, write_json, write_text
+from finetune.run_folder import (
     earlier_run_files,
     remove_stale_temp_files,
     resolve_run_dir,
     run_folder_lock,
     run_folder_of,
-    write_json,
-    write_text,
 )
 from finetune.scoring import checkpoint_to_score, flat, report_or_warning, score_checkpoints, summary, trainer_scores
 
@@ -175,7 +173,9 @@ def _write_run_files(cfg: DictConfig, run_dir: Path, run: Prepared, trainer: L.T
         if isinstance(logger, HistoryCSVLogger):
             logger.keep_history(*((resumed.epoch, resumed.global_step) if resumed else (None,)))
     if not resume:  # what the model sees: evaluation view and training draws of a few images
-        write_preview_or_warn(index, run.preprocessing, run.augment, run_dir / "augment_preview.png", seed=int(cfg.seed))
+        write_preview_or_warn(
+            index, run.preprocessing, run.augment, run_dir / "augment_preview.png", seed=int(cfg.seed)
+        )
 
 
 def _fit(watch: _Watch, run: Prepared, run_dir: Path, resume: str | None) -> float:
@@ -209,7 +209,9 @@ def _score(cfg: DictConfig, run_dir: Path, watch: _Watch, run: Prepared, fit_sec
         {
             "epochs": int(trainer.current_epoch),
             "fit_seconds": round(fit_seconds, 2),
-            "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None,
+            "peak_gpu_memory_gb": (
+                round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None
+            ),
             "best_checkpoint": best,
             "scored_checkpoint": scored,
             "checkpoint_choice": choice_why,

@@ -115,7 +115,8 @@ def test_augmented_views_triple_the_cached_training_set(class_folders):
     from finetune.models.backbone import BackboneSpec, attach_head, load_pretrained
 
     index = scan_dataset(class_folders, 0.2, 0.0, 0)
-    net = attach_head(load_pretrained("tf_efficientnet_lite0", "offline")[0], BackboneSpec("tf_efficientnet_lite0", 3, {}))
+    net = attach_head(load_pretrained("tf_efficientnet_lite0", "offline")[0],
+                      BackboneSpec("tf_efficientnet_lite0", 3, {}))
     pp = Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0)
     images = ImageDataModule(index, pp, augment=None, batch_size=8)
     cached = CachedFeatureDataModule(images, net, augment=augment_cfg("light"), augmented_views=2)

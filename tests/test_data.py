@@ -248,7 +248,9 @@ def test_large_jpeg_decodes_at_reduced_scale_to_the_same_picture(tmp_path):
     big.save(tmp_path / "photo.jpg", quality=92, exif=exif)
     fast = load_image(str(tmp_path / "photo.jpg"), max_side=146)
     assert fast.shape == (195, 146, 3)  # shorter side exactly max_side, upright
-    reference = Image.open(tmp_path / "photo.jpg").transpose(Image.Transpose.ROTATE_270).resize((146, 195), Image.BICUBIC)
+    reference = Image.open(tmp_path / "photo.jpg").transpose(Image.Transpose.ROTATE_270).resize(
+        (146, 195), Image.BICUBIC
+    )
     assert np.abs(fast.astype(float) - np.asarray(reference, float)).mean() < 3.0  # same picture, ~1 level off
 
 

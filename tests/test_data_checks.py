@@ -18,8 +18,9 @@ from conftest import CLASSES, write_csv, write_images
 
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.datasets import scan_dataset
+from finetune.data.file_checks import cache_path, check_files
 from finetune.data.transforms import Preprocessing
-from finetune.data.validate import cache_path, check_files, validate_dataset
+from finetune.data.validate import validate_dataset
 from finetune.errors import FinetuneError
 from finetune.train import train
 
@@ -78,7 +79,9 @@ def test_csv_image_with_two_labels_is_left_out_under_skip_and_stops_under_error(
     assert _kinds(report.problems)[str(contradictory.resolve())] == ["label_conflict"]
     assert str(contradictory.resolve()) in report.skipped
     (conflict,) = [p for p in report.problems if p["kind"] == "label_conflict"]
-    assert "circle and square" in conflict["detail"] and "line 2" in conflict["detail"] and "line 20" in conflict["detail"]
+    assert (
+        "circle and square" in conflict["detail"] and "line 2" in conflict["detail"] and "line 20" in conflict["detail"]
+    )
     assert len(cleaned.splits["train"]) == 17
 
     with pytest.raises(FinetuneError, match=f"{contradictory.resolve()}.*circle and square.*on_bad_file=skip"):
@@ -135,7 +138,9 @@ def test_cache_never_keeps_a_read_failure_and_checks_the_fixed_file_again(tmp_pa
     dangling.symlink_to(tmp_path / "nowhere.png")
     paths = [str(good), str(folder_named_png), str(dangling)]
     results, _ = check_files(paths)
-    assert results[str(folder_named_png)]["kind"] == "unreadable" and "folder" in results[str(folder_named_png)]["detail"]
+    assert (
+        results[str(folder_named_png)]["kind"] == "unreadable" and "folder" in results[str(folder_named_png)]["detail"]
+    )
     assert results[str(dangling)]["kind"] == "dangling_symlink"
     assert set(_cached()) == {str(good)}  # a failure to open says nothing about bytes: never cached
 
@@ -281,8 +286,8 @@ def test_csv_with_bom_blank_lines_spaces_and_semicolons_reads(tmp_path):
     images = _images(tmp_path, 2)
     lines = ["\ufeff Path ; LABEL ;Split", ""]
     for kind, paths in images.items():
-        lines += [f" {paths[0].relative_to(tmp_path)} ; {kind} ;train", f"{paths[1].relative_to(tmp_path)};{kind}; VALID ",
-                  ";;"]
+        lines += [f" {paths[0].relative_to(tmp_path)} ; {kind} ;train",
+                  f"{paths[1].relative_to(tmp_path)};{kind}; VALID ", ";;"]
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     index = scan_dataset(tmp_path / "labels.csv")
     assert index.classes == sorted(CLASSES)
@@ -303,7 +308,8 @@ def test_csv_errors_give_the_real_line_number_and_why(tmp_path, monkeypatch):
         scan_dataset(csv_path)
     monkeypatch.chdir(tmp_path)  # a path written relative to the working directory, not to the CSV
     csv_path.write_text(f"path,label\n{images['circle'][0].relative_to(tmp_path)},circle\n")
-    with pytest.raises(FinetuneError, match="does not exist \\(but .*circle_0_0.png does: paths are relative to the CSV"):
+    with pytest.raises(FinetuneError,
+                       match="does not exist \\(but .*circle_0_0.png does: paths are relative to the CSV"):
         scan_dataset(csv_path)
 
 

@@ -17,7 +17,8 @@ from finetune.train import train
 # statistics (SyncBatchNorm is CUDA-only), no
 # dropout and no augmentation: the two runs then compute the same gradients, up to summation order.
 COMMON = ["data.image_size=32", "policy=full", "augment=none", "+model.kwargs.drop_rate=0.0", "trainer.max_epochs=2",
-          "~callbacks.early_stopping", "scheduler=none", "optimizer=sgd", "optimizer.lr=0.01", "regularization.trainable_bn=eval",
+          "~callbacks.early_stopping", "scheduler=none", "optimizer=sgd", "optimizer.lr=0.01",
+          "regularization.trainable_bn=eval",
           "trainer.enable_progress_bar=false", "lr_scaling=linear", "report=false"]
 TOLERANCE = 1e-4  # max abs difference of any weight and of the losses
 

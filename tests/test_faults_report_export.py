@@ -14,7 +14,7 @@ from PIL import Image
 
 from finetune.errors import FinetuneError
 from finetune.export import export, run_onnx, sample_inputs
-from finetune.inference import load_members, member_probabilities
+from finetune.members import load_members, member_probabilities
 from finetune.models.checkpoint import load_classifier, read_checkpoint
 from finetune.train import train
 
@@ -31,7 +31,9 @@ def test_nan_loss_stops_with_the_step_and_lrs_and_keeps_the_last_good_checkpoint
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert str(last) in message
     state = read_checkpoint(last)
-    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert state["epoch"] == 0 and all(
+        torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()
+    )
 
 
 def _table(markdown: str, title: str) -> list[list[str]]:

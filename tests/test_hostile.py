@@ -227,7 +227,7 @@ def test_failed_eval_leaves_no_empty_output_folder(tmp_path, run):
 
 
 def test_dangling_symlink_run_dir_is_named(tmp_path):
-    from finetune.run_files import hydra_run_dir, is_hydra_fallback, resolve_run_dir
+    from finetune.run_folder import hydra_run_dir, is_hydra_fallback, resolve_run_dir
 
     link = tmp_path / "run"
     link.symlink_to(tmp_path / "nowhere")
@@ -238,7 +238,7 @@ def test_dangling_symlink_run_dir_is_named(tmp_path):
 
 def test_output_that_appears_meanwhile_is_kept(tmp_path):
     """Two predicts writing one new output at once: the second does not silently replace the first."""
-    from finetune.run_files import check_output, write_output
+    from finetune.outputs import check_output, write_output
 
     out = check_output(tmp_path / "preds.csv")
     out.write_text("the other command's result\n")
@@ -254,7 +254,7 @@ def test_device_and_pipe_outputs_are_written_through_never_replaced(tmp_path):
     import stat
     import threading
 
-    from finetune.run_files import check_output, write_output
+    from finetune.outputs import check_output, write_output
 
     assert check_output("/dev/null") == Path("/dev/null")  # no overwrite=true needed, and not replaced
     write_output("/dev/null", "x\n", overwrite=True)
@@ -297,7 +297,7 @@ def test_repeated_tta_view_is_used_once():
 def test_run_folder_without_a_checkpoint(tmp_path, run):
     import shutil
 
-    from finetune.inference import resolve_members
+    from finetune.members import resolve_members
 
     crashed = tmp_path / "crashed"
     shutil.copytree(run, crashed, ignore=shutil.ignore_patterns("*.ckpt"))
@@ -333,7 +333,9 @@ def test_one_bad_job_does_not_stop_a_sweep(tmp_path):
                      "report=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert "This sweep job failed" in result.stdout + result.stderr and "optimizer.lr=-1" in result.stdout + result.stderr
+    assert (
+        "This sweep job failed" in result.stdout + result.stderr and "optimizer.lr=-1" in result.stdout + result.stderr
+    )
     assert "1 of 2 jobs failed (job 0)" in result.stdout
     with open(tmp_path / "sweep" / "sweep_summary.csv") as f:
         rows = {row["job"]: row for row in csv.DictReader(f)}

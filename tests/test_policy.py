@@ -227,7 +227,8 @@ def test_unfreezing_survives_plateau_reduction_and_resume(policy, class_folders,
     # Groups unfrozen during the resumed epochs moved; lp_ft unfreezes all at epoch 1, gradual stage3 at 2.
     moved = "net.conv_stem.weight" if policy == "lp_ft" else "net.blocks.3.0.conv_pw.weight"
     assert not torch.equal(end[moved], start[moved])
-    if policy == "gradual":  # stage 0 is still frozen at epoch 4 (unfreezes at 5): weights and BatchNorm statistics untouched
+    # stage 0 is still frozen at epoch 4 (unfreezes at 5): weights and BatchNorm statistics untouched
+    if policy == "gradual":
         assert torch.equal(end["net.conv_stem.weight"], start["net.conv_stem.weight"])
         assert torch.equal(end["net.bn1.running_mean"], start["net.bn1.running_mean"])
 

@@ -148,7 +148,8 @@ def _sweep(tmp_path: Path, root: Path, name: str, *overrides: str) -> list[dict]
     sweep_dir = tmp_path / name
     result = subprocess.run(
         [str(Path(sys.executable).parent / "finetune"), "-m", f"data.root={root}", *FAST, "trainer.max_epochs=2",
-         "trainer.limit_train_batches=2", "report=false", "policy=full", "~callbacks.early_stopping", f"hydra.sweep.dir={sweep_dir}", *overrides],
+         "trainer.limit_train_batches=2", "report=false", "policy=full", "~callbacks.early_stopping",
+         f"hydra.sweep.dir={sweep_dir}", *overrides],
         check=False, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -316,7 +317,8 @@ def test_seed_ensemble_trains_members_and_eval_averages_them(split_folders, fast
 def test_snapshot_ensemble_keeps_one_checkpoint_per_cycle(split_folders, fast_cfg, tmp_path):
     run = tmp_path / "snap"
     metrics = train(fast_cfg(split_folders, "policy=full", "scheduler=cosine_restarts", "scheduler.cycle_epochs=1",
-                             "trainer.max_epochs=3", "ensemble.snapshots=true", "~callbacks.early_stopping", run_dir=run))
+                             "trainer.max_epochs=3", "ensemble.snapshots=true", "~callbacks.early_stopping",
+                             run_dir=run))
     snaps = metrics["snapshot_ensemble"]["snapshots"]
     assert [Path(p).name for p in snaps] == ["snapshot_0.ckpt", "snapshot_1.ckpt", "snapshot_2.ckpt"]
     assert len(metrics["snapshot_ensemble"]["test/member_acc"]) == 3
@@ -365,7 +367,9 @@ def test_auto_scores_the_last_epoch_after_an_annealed_schedule_and_the_best_one_
                              "optimizer=sgd", "optimizer.lr=1e-6", "trainer.max_epochs=3", "~callbacks.early_stopping",
                              run_dir=tmp_path / "plateau"))
     assert len(plateau["lr_reductions"]) == 2
-    assert Path(plateau["scored_checkpoint"]).name == "best.ckpt" and "ReduceLROnPlateau" in plateau["checkpoint_choice"]
+    assert (
+        Path(plateau["scored_checkpoint"]).name == "best.ckpt" and "ReduceLROnPlateau" in plateau["checkpoint_choice"]
+    )
     forced = train(fast_cfg(split_folders, "policy=full", "scheduler=none", "trainer.max_epochs=2",
                             "score_checkpoint=last", run_dir=tmp_path / "forced"))
     assert Path(forced["scored_checkpoint"]).name == "last.ckpt"
@@ -376,7 +380,11 @@ def test_auto_scores_the_last_epoch_after_an_annealed_schedule_and_the_best_one_
 def test_configured_regularization_reaches_the_module(class_folders, fast_cfg):
     cfg = fast_cfg(class_folders, "regularization=strong")
     reg = Regularization.from_config(OmegaConf.to_container(cfg.regularization))
-    assert reg.label_smoothing == 0.1 and reg.l2_sp > 0 and reg.model_kwargs({}) == {"drop_rate": 0.2, "drop_path_rate": 0.1}
+    assert reg.label_smoothing == 0.1 and reg.l2_sp > 0 and reg.model_kwargs({}) == {
+        "drop_rate": 0.2, "drop_path_rate": 0.1
+    }
     metrics = train(cfg)
     assert metrics["regularization"]["label_smoothing"] == 0.1
-    assert read_checkpoint(metrics["best_checkpoint"])["finetune"]["model_kwargs"] == {"drop_rate": 0.2, "drop_path_rate": 0.1}
+    assert read_checkpoint(metrics["best_checkpoint"])["finetune"]["model_kwargs"] == {
+        "drop_rate": 0.2, "drop_path_rate": 0.1
+    }

@@ -117,7 +117,8 @@ def test_checkpoint_reloads_deterministically(trained):
     assert a.classes == b.classes == list(CLASSES)
     assert a.module.net.get_classifier().out_features == 3
     assert not a.module.training
-    x = torch.randn(4, 3, a.preprocessing.image_size, a.preprocessing.image_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 3, a.preprocessing.image_size, a.preprocessing.image_size,
+                    generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.equal(a.module(x), b.module(x))
     assert a.preprocessing.image_size == 32

@@ -22,7 +22,7 @@ from conftest import CLASSES, FAST, make_cfg, write_images
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import read_checkpoint
 from finetune.report import read_curves
-from finetune.run_files import run_folder_lock
+from finetune.run_folder import run_folder_lock
 from finetune.train import train
 
 BIN = Path(sys.prefix) / "bin"

@@ -20,7 +20,9 @@ from finetune.train import train
 ])
 def test_trainer_presets_compose_on_top_of_the_defaults(preset, accelerator, strategy, precision):
     cfg = make_cfg(["data.root=x", f"trainer={preset}", "trainer.devices=2"])
-    assert (cfg.trainer.accelerator, cfg.trainer.strategy, str(cfg.trainer.precision)) == (accelerator, strategy, precision)
+    assert (cfg.trainer.accelerator, cfg.trainer.strategy, str(cfg.trainer.precision)) == (
+        accelerator, strategy, precision
+    )
     assert cfg.trainer.max_epochs == 10 and cfg.trainer.devices == 2  # defaults kept, CLI still overrides
 
 

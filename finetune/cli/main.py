@@ -31,7 +31,7 @@ if not OmegaConf.has_resolver("finetune_or"):
 # train.yaml's `hydra.run.dir: ${finetune_hydra_dir:${run_dir},${resume},outputs/...}`: like finetune_or, and
 # `resume=RUN` (or RUN/checkpoints/x.ckpt) continues in RUN, so Hydra's files and main.log go there too.
 if not OmegaConf.has_resolver("finetune_hydra_dir"):
-    from finetune.run_files import hydra_run_dir
+    from finetune.run_folder import hydra_run_dir
 
     OmegaConf.register_new_resolver("finetune_hydra_dir", hydra_run_dir)
 
@@ -91,7 +91,7 @@ def _remove_hydra_fallback() -> None:
 
     from hydra.core.hydra_config import HydraConfig
 
-    from finetune.run_files import is_hydra_fallback
+    from finetune.run_folder import is_hydra_fallback
 
     if HydraConfig.initialized():
         path = Path(HydraConfig.get().runtime.output_dir)
@@ -218,7 +218,7 @@ def train_main(cfg: DictConfig) -> float | None:
 def _train(cfg: DictConfig) -> dict[str, Any]:
     """The checks that need no library first (a typo or a missing data.root answers before torch is imported),
     then the run. A resumed run is checked with its own config.yaml, which ``train`` reads."""
-    if not cfg.get("resume"):
+    if not cfg.resume:
         _check_train_start(cfg)
     _load_lightning()
     from finetune.train import train

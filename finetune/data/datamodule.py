@@ -198,7 +198,9 @@ class ImageDataModule(L.LightningDataModule):
             self.datasets[split] = ImageListDataset(samples, transform, images, self.max_side, self.on_bad_file)
         preloaded = all(d.images is not None for d in self.datasets.values())
         self.num_workers = self._resolve_workers(preloaded)
-        log.info("Data: %s; decoded in memory: %s; loader workers: %d", self.index.summary(), preloaded, self.num_workers)
+        log.info(
+            "Data: %s; decoded in memory: %s; loader workers: %d", self.index.summary(), preloaded, self.num_workers
+        )
 
     def _resolve_workers(self, preloaded: bool) -> int:
         if self.num_workers_cfg != "auto":

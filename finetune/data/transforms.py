@@ -19,6 +19,7 @@ from albumentations.pytorch import ToTensorV2
 from timm.data import resolve_data_config
 from torch import nn
 
+from finetune.conf import preset
 from finetune.errors import FinetuneError, close_matches
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def eval_transform(pp: Preprocessing) -> A.Compose:
 
 
 def _transform_names() -> list[str]:
-    return [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), (A.BasicTransform, A.BaseCompose))]
+    return [n for n in dir(A)
+            if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), (A.BasicTransform, A.BaseCompose))]
 
 
 def build_albumentation(item: Any, where: str) -> A.BasicTransform | A.BaseCompose:
@@ -123,15 +125,16 @@ def build_albumentation(item: Any, where: str) -> A.BasicTransform | A.BaseCompo
     (name, params), = item.items()
     cls = getattr(A, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
-        raise FinetuneError(f"{where}: '{name}' is not an albumentations transform.{close_matches(str(name), _transform_names())} "
+        raise FinetuneError(f"{where}: '{name}' is not an albumentations transform."
+                            f"{close_matches(str(name), _transform_names())} "
                             f"See https://albumentations.ai/docs/ for the list.")
     params = dict(params or {})
     accepted = [n for n, q in inspect.signature(cls.__init__).parameters.items()
                 if n != "self" and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
     unknown = [k for k in params if k not in accepted]
     if unknown:  # albumentations itself only warns and drops them
-        raise FinetuneError(f"{where}: {name} has no parameter '{unknown[0]}'.{close_matches(str(unknown[0]), accepted)} "
-                            f"Its parameters: {', '.join(accepted)}.")
+        raise FinetuneError(f"{where}: {name} has no parameter '{unknown[0]}'."
+                            f"{close_matches(str(unknown[0]), accepted)} Its parameters: {', '.join(accepted)}.")
     if issubclass(cls, A.BaseCompose):
         inner = params.pop("transforms", None)
         if not isinstance(inner, Sequence) or isinstance(inner, str) or not inner:
@@ -151,22 +154,22 @@ def train_transform(pp: Preprocessing, augment: Mapping[str, Any] | None, seed: 
     ``seed``: albumentations draws from its own generators, seeded from the OS unless given one, so
     without it the same run seed would not give the same augmentations.
     """
-    augment = augment or {}
-    crop = augment.get("crop", "center")
+    augment = {**preset("augment", "none"), **(augment or {})}  # a partial mapping is completed from the YAML
+    crop = augment["crop"]
     if crop not in CROPS:
         raise FinetuneError(f"augment.crop={crop} is not one of {', '.join(CROPS)}.")
     if crop == "random_resized":
         first: list[A.BasicTransform] = [
             A.RandomResizedCrop(
                 size=(pp.image_size, pp.image_size),
-                scale=tuple(augment.get("scale", (0.08, 1.0))),
-                ratio=tuple(augment.get("ratio", (3 / 4, 4 / 3))),
+                scale=tuple(augment["scale"]),
+                ratio=tuple(augment["ratio"]),
                 interpolation=pp.cv2_interpolation,
             )
         ]
     else:
         first = eval_crop(pp)
-    items: Sequence[Any] = augment.get("transforms") or []
+    items: Sequence[Any] = augment["transforms"] or []
     extra = [build_albumentation(item, f"augment.transforms[{i}]") for i, item in enumerate(items)]
     return A.Compose([*first, *extra, *_normalize(pp)], seed=seed)
 

@@ -165,7 +165,9 @@ def _option_error(name: str, message: str, kwargs: dict[str, Any]) -> str:
     if bad is None:
         return f"model.* options do not fit {name}: {message}. Remove the option or pick another backbone."
     key = TIMM_KWARG_KEYS.get(bad, f"model.kwargs.{bad}")
-    what = {"drop_path_rate": "stochastic depth (it has no residual blocks timm can drop)"}.get(bad, f"the option {bad}")
+    what = {"drop_path_rate": "stochastic depth (it has no residual blocks timm can drop)"}.get(
+        bad, f"the option {bad}"
+    )
     return (f"{key}={kwargs[bad]}: backbone {name} does not support {what}. Set {key} back to its default, or choose "
             f"a backbone that has it (e.g. EfficientNet, ResNet, ConvNeXt, ViT).")
 

@@ -32,10 +32,14 @@ class LoadedCheckpoint:
 def read_checkpoint(path: str | Path | None, key: str = "ckpt") -> dict[str, Any]:
     """The checkpoint's dict, loaded weights-only; a clear error for anything that is not ours."""
     if path in (None, "", "???"):
-        raise FinetuneError(f"{key} is not set. Pass a checkpoint written by finetune, e.g. {key}=RUN/checkpoints/best.ckpt.")
+        raise FinetuneError(
+            f"{key} is not set. Pass a checkpoint written by finetune, e.g. {key}=RUN/checkpoints/best.ckpt."
+        )
     p = Path(str(path)).expanduser()
     if not p.is_file():
-        raise FinetuneError(f"{key}={p} does not exist. Checkpoints are in RUN_FOLDER/checkpoints/ (best.ckpt, last.ckpt).")
+        raise FinetuneError(
+            f"{key}={p} does not exist. Checkpoints are in RUN_FOLDER/checkpoints/ (best.ckpt, last.ckpt)."
+        )
     try:
         data = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -54,7 +58,8 @@ def read_checkpoint(path: str | Path | None, key: str = "ckpt") -> dict[str, Any
     # (unknown opcodes, an empty stack), struct.error (short reads), EOFError, RuntimeError (zip).
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, LookupError, struct.error) as e:
         raise FinetuneError(
-            f"{key}={p} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
+            f"{key}={p} is not a readable checkpoint "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
             f"It may be truncated or not a torch file; use RUN_FOLDER/checkpoints/best.ckpt or last.ckpt."
         ) from None
     meta = data.get(CHECKPOINT_KEY) if isinstance(data, dict) else None

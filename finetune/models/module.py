@@ -31,7 +31,7 @@ from finetune.policy.freeze import hold_eval_modes, param_groups, set_trainable,
 from finetune.policy.plan import Plan
 from finetune.policy.stages import StageMap
 from finetune.recipe.callbacks import UnfreezeSchedule
-from finetune.recipe.regularization import Regularization, WeightPenalty, drop_connect_linear
+from finetune.recipe.regularization import Regularization, WeightPenalty, drop_connect_linear, no_weight_decay_names
 from finetune.recipe.schedulers import build_lr_schedulers
 
 CHECKPOINT_KEY = "finetune"
@@ -79,7 +79,9 @@ class ImageClassifier(L.LightningModule):
         self.classes = list(classes)
         self.preprocessing = preprocessing
         self.recipe = recipe or Recipe()
-        self.regularization = regularization or Regularization()
+        # Without a regularization config (a module for inference, a library user), BatchNorm trains as in
+        # plain torch; a training run passes the config's, whose default is trainable_bn=eval.
+        self.regularization = regularization or Regularization(trainable_bn="train")
         self.label_smoothing = float(self.regularization.label_smoothing)
         self.plan = plan
         self.stage_map = stage_map
@@ -188,8 +190,10 @@ class ImageClassifier(L.LightningModule):
             groups = param_groups(self.net, self.stage_map, self.plan, keywords.get("lr", 1e-3),
                                   keywords.get("weight_decay", 0.0))
         else:
-            # No weight decay on norm layers and biases (timm's helper).
-            groups = param_groups_weight_decay(self.net, weight_decay=keywords.get("weight_decay", 0.0))
+            # No weight decay on norm layers, biases and the model's no_weight_decay() names (timm's helper,
+            # the rule of regularization.is_weight).
+            groups = param_groups_weight_decay(self.net, weight_decay=keywords.get("weight_decay", 0.0),
+                                               no_weight_decay_list=no_weight_decay_names(self.net))
         optimizer = self.optimizer_factory(groups)
         factor = self.lr_scale_factor()
         if factor != 1 and not isinstance(optimizer, torch.optim.LBFGS):  # L-BFGS: its line search sets the step

@@ -17,7 +17,11 @@ from torch import nn
 class StageProbeNet(nn.Module):
     def __init__(self, backbone: nn.Module, stage: int, num_classes: int, drop_rate: float = 0.0):
         super().__init__()
-        infos = backbone.feature_info.get_dicts() if hasattr(backbone.feature_info, "get_dicts") else list(backbone.feature_info)
+        infos = (
+            backbone.feature_info.get_dicts()
+            if hasattr(backbone.feature_info, "get_dicts")
+            else list(backbone.feature_info)
+        )
         if not 0 <= stage < len(infos):
             raise ValueError(f"stage {stage} out of range 0..{len(infos) - 1}")
         backbone.prune_intermediate_layers(indices=[stage], prune_norm=True, prune_head=True)

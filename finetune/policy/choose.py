@@ -84,9 +84,12 @@ def format_policy_block(record: Mapping[str, Any]) -> str:
     if m:
         lines.append(
             f"Data: {m['images_train']} training images, {m['num_classes']} classes, per class "
-            f"min/median/max {m['images_per_class']['min']}/{m['images_per_class']['median']:g}/{m['images_per_class']['max']}"
+            f"min/median/max {m['images_per_class']['min']}/{m['images_per_class']['median']:g}/"
+            f"{m['images_per_class']['max']}"
         )
-        lines.append(f"Evidence ({m['probe_images']} images, {m['probe_folds']}-fold CV linear probes, {m['seconds']} s):")
+        lines.append(
+            f"Evidence ({m['probe_images']} images, {m['probe_folds']}-fold CV linear probes, {m['seconds']} s):"
+        )
         lines.append("  features      dims   probe acc")
         for i, (acc, ch) in enumerate(zip(m["stage_probe_acc"], m["stage_channels"])):
             mark = "  <- best" if m["best_stage"] == i else ""

@@ -42,7 +42,8 @@ def decide(m: Measurements, thresholds: Mapping[str, Any], actions: Mapping[str,
         f"{'little' if small else 'a lot of'} data"
     )
     similarity_reason = (
-        f"similarity: best cross-validated probe is on {where} ({m.best_acc:.3f}); pre-logits {m.prelogits_probe_acc:.3f}; "
+        f"similarity: best cross-validated probe is on {where} ({m.best_acc:.3f}); "
+        f"pre-logits {m.prelogits_probe_acc:.3f}; "
         f"gap {m.depth_gap:.3f} {'<=' if similar else '>'} similar_max_gap={thresholds['similar_max_gap']} -> "
         f"{'similar to' if similar else 'different from'} the pretraining domain"
     )

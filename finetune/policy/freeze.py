@@ -16,6 +16,7 @@ from torch import nn
 
 from finetune.policy.plan import Plan
 from finetune.policy.stages import StageMap
+from finetune.recipe.regularization import is_weight, no_weight_decay_names
 
 
 def set_trainable(model: nn.Module, stage_map: StageMap, groups: Iterable[str]) -> None:
@@ -50,10 +51,10 @@ def param_groups(model: nn.Module, stage_map: StageMap, plan: Plan, lr: float,
                  weight_decay: float) -> list[dict[str, Any]]:
     """One group per (stage group, decay / no decay), frozen ones included, LR scaled per the plan.
 
-    No weight decay on biases, norm layers and 1-d parameters, nor on the model's own
-    ``no_weight_decay()`` names (timm's rule, e.g. a ViT's position embedding).
+    Weight decay only on :func:`~finetune.recipe.regularization.is_weight`'s weights: not biases, norm layers
+    and 1-d parameters, nor the model's own ``no_weight_decay()`` names (timm's rule, e.g. a ViT's position embedding).
     """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    skip = no_weight_decay_names(model)
     params = dict(model.named_parameters())
     groups = []
     for group in plan.group_order:
@@ -61,7 +62,7 @@ def param_groups(model: nn.Module, stage_map: StageMap, plan: Plan, lr: float,
         decay, no_decay = [], []
         for name in stage_map.groups.get(group, []):
             p = params[name]
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+            (decay if is_weight(name, p, skip) else no_decay).append(p)
         for members, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, "_no_decay")):
             if members:
                 groups.append({"params": members, "lr": lr * scale, "weight_decay": wd, "name": group + suffix})

@@ -74,7 +74,8 @@ def make_plan(policy: str, policy_cfg: Mapping[str, Any], num_stages: int, best_
         trainable = order if train_stages else ["head"]
         what = "fine-tune the kept stages and" if train_stages else "frozen, train"
         return Plan(policy, order, {g: 0 for g in trainable}, _decayed(order, trainable, decay), cut_after_stage=stage,
-                    description=f"network cut after stage {stage} (the rest dropped); {what} a linear head on its pooled features")
+                    description=f"network cut after stage {stage} (the rest dropped); "
+                    f"{what} a linear head on its pooled features")
     if policy == "partial":
         top = policy_cfg["top_stages"]
         if not (isinstance(top, int) and 0 <= top <= num_stages):

@@ -35,7 +35,7 @@ class Regularization:
     drop_path: float = 0.0
     label_smoothing: float = 0.0
     pooling: str = "avg"
-    trainable_bn: str = "train"
+    trainable_bn: str = "eval"  # conf/regularization/default.yaml
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> Regularization:
@@ -43,7 +43,8 @@ class Regularization:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
-            raise FinetuneError(f"regularization.{unknown[0]} is not a regularization key; the keys are {', '.join(sorted(known))}.")
+            raise FinetuneError(f"regularization.{unknown[0]} is not a regularization key; "
+                                f"the keys are {', '.join(sorted(known))}.")
         reg = cls(**values)
         for key in ("l1", "l2", "l2_sp"):
             if not float(getattr(reg, key)) >= 0:
@@ -139,7 +140,8 @@ class WeightPenalty(nn.Module):
 def drop_connect_linear(x: torch.Tensor, head: nn.Module, p: float) -> torch.Tensor:
     """The head's output with each weight dropped with probability p (rescaled by 1/(1-p))."""
     if not isinstance(head, nn.Linear):
-        raise FinetuneError(f"regularization.drop_connect needs a linear head; this model's head is {type(head).__name__}.")
+        raise FinetuneError("regularization.drop_connect needs a linear head; "
+                            f"this model's head is {type(head).__name__}.")
     mask = torch.empty_like(head.weight).bernoulli_(1 - p) / (1 - p)
     return F.linear(x, head.weight * mask, head.bias)
 
@@ -174,10 +176,3 @@ def apply_head_pooling(net: nn.Module, pooling: str) -> nn.Module:
     if not isinstance(pool, FractionalMaxPool):
         net.global_pool = FractionalMaxPool(pool)
     return net
-
-
-def set_batchnorm_eval(net: nn.Module) -> None:
-    """Every BatchNorm normalises with its running statistics and stops updating them."""
-    for module in net.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()

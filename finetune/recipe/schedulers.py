@@ -116,6 +116,8 @@ def build_lr_schedulers(
     if isinstance(main, ReduceLROnPlateau):
         return [{"scheduler": warmup, "interval": "epoch"}, {"scheduler": main, **options}]
     if not isinstance(main, LRScheduler):
-        raise FinetuneError(f"scheduler {type(main).__name__} is not a torch LR scheduler; warmup cannot be joined to it.")
+        raise FinetuneError(
+            f"scheduler {type(main).__name__} is not a torch LR scheduler; warmup cannot be joined to it."
+        )
     joined = SequentialLR(optimizer, schedulers=[warmup, main], milestones=[warmup_steps])
     return [{"scheduler": joined, **options}]

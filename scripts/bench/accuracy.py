@@ -73,7 +73,8 @@ def timed_train(overrides: list[str]) -> tuple[dict, dict, float]:
 
 
 def run_one(root: str, row: str, policy: str, seed: int, epochs: int, extra: tuple[str, ...] = ()) -> dict:
-    overrides = [f"data.root={root}", f"seed={seed}", f"trainer.max_epochs={epochs}", *RECIPE, *POLICIES[policy], *extra]
+    overrides = [f"data.root={root}", f"seed={seed}", f"trainer.max_epochs={epochs}",
+                 *RECIPE, *POLICIES[policy], *extra]
     if policy == "lp_ft":
         overrides.append(f"policy.probe_epochs={max(1, round(0.3 * epochs))}")
     metrics, record, wall = timed_train(overrides)
@@ -104,7 +105,8 @@ def run_all(sets: list[str], seeds: list[int], policies: list[str], images_seen:
             log(f"[{len(results)}/{len(jobs)} {time.perf_counter() - started:.0f}s] {r['set']} {r['policy']} "
                 f"seed {r['seed']}: test acc {r['test_acc']:.4f} ({r['applied']}, {r['wall_s']} s)")
     report = {"sets": sets, "seeds": seeds, "policies": policies, "images_seen": images_seen, "workers": workers,
-              "threads_per_worker": threads, "recipe": [*RECIPE, *extra], "total_s": round(time.perf_counter() - started, 1),
+              "threads_per_worker": threads, "recipe": [*RECIPE, *extra],
+              "total_s": round(time.perf_counter() - started, 1),
               "train_images": sizes, "runs": results}
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

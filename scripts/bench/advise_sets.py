@@ -63,7 +63,8 @@ def build_sets(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
               "motorcycle": sk.stereo_motorcycle()[0]}
     write_crops(tmp / "photos", photos, 40, 96, seed=0)
     sets["photo-crops"] = (tmp / "photos", ["data.image_size=96"])
-    textures = {"brick": sk.brick(), "grass": sk.grass(), "gravel": sk.gravel(), "moon": sk.moon(), "camera": sk.camera()}
+    textures = {"brick": sk.brick(), "grass": sk.grass(), "gravel": sk.gravel(), "moon": sk.moon(),
+                "camera": sk.camera()}
     write_crops(tmp / "textures", textures, 40, 96, seed=1)
     sets["textures"] = (tmp / "textures", ["data.image_size=96"])
     return sets

@@ -94,8 +94,12 @@ def _measure(size: int, images: int, rounds: int, log) -> dict:
         arrays = [load_image(str(p)) for p in paths]
         tensors = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays]
         runs = {
-            ("albumentations", "decode + transform"): lambda: [album(image=load_image(str(p), side))["image"] for p in paths],
-            ("torchvision v2", "decode + transform"): lambda: [tv(decode_image(str(p), mode=ImageReadMode.RGB)) for p in paths],
+            ("albumentations", "decode + transform"): lambda: [
+                album(image=load_image(str(p), side))["image"] for p in paths
+            ],
+            ("torchvision v2", "decode + transform"): lambda: [
+                tv(decode_image(str(p), mode=ImageReadMode.RGB)) for p in paths
+            ],
             ("albumentations", "transform only"): lambda: [album(image=a)["image"] for a in arrays],
             ("torchvision v2", "transform only"): lambda: [tv(t) for t in tensors],
         }
@@ -111,7 +115,8 @@ def _measure(size: int, images: int, rounds: int, log) -> dict:
     rows = []
     for mode in ("decode + transform", "transform only"):
         a, t = (float(np.median(rates[(lib, mode)])) for lib in ("albumentations", "torchvision v2"))
-        rows.append({"size": size, "mode": mode, "albumentations": round(a), "torchvision_v2": round(t), "ratio": round(a / t, 2)})
+        rows.append({"size": size, "mode": mode, "albumentations": round(a), "torchvision_v2": round(t),
+                     "ratio": round(a / t, 2)})
         log(f"loader {size} px, {mode}: albumentations {a:.0f} img/s, torchvision v2 {t:.0f} img/s, ratio {a / t:.2f}")
     return {"images": images, "rounds": rounds, "rows": rows}
 
@@ -123,7 +128,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     result = measure(args.size, args.images, args.rounds, log=lambda *_: None)
-    print(f"\n{args.images} JPEGs (320-512 px photos), output {args.size} px, 1 thread, median of {args.rounds} rounds\n")
+    print(f"\n{args.images} JPEGs (320-512 px photos), output {args.size} px, 1 thread, "
+          f"median of {args.rounds} rounds\n")
     print("| mode | albumentations img/s | torchvision v2 img/s | ratio (albumentations / v2) |\n|---|---|---|---|")
     for row in result["rows"]:
         print(f"| {row['mode']} | {row['albumentations']} | {row['torchvision_v2']} | {row['ratio']:.2f} |")

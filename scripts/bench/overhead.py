@@ -3,7 +3,8 @@ loop doing the same work, as a ratio measured in the same run.
 
     .venv/bin/python scripts/bench/overhead.py --root data/bench/fmnist-200 [--rounds 2]
 
-Same input (64 px, the accuracy benchmark's size), same model (tf_efficientnet_lite0 with the bundled ImageNet weights, a new 10-class head, all of it
+Same input (64 px, the accuracy benchmark's size), same model (tf_efficientnet_lite0 with the bundled \
+ImageNet weights, a new 10-class head, all of it
 trained), same data (the training split decoded in memory, as finetune's preload does), same batch
 (32, shuffled, last partial batch dropped), same optimizer (AdamW lr 1e-3, weight decay 0.01) and the
 same augmentation (the `light` preset's albumentations pipeline, finetune's default). finetune runs
@@ -43,7 +44,8 @@ def finetune_epochs(root: str, seed: int) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp, initialize_config_module("finetune.conf", version_base="1.3"):
         cfg = compose("train", overrides=[
             f"data.root={root}", f"seed={seed}", "policy=full", f"trainer.max_epochs={EPOCHS}",
-            f"data.batch_size={BATCH}", f"data.image_size={SIZE}", f"optimizer.lr={LR}", f"optimizer.weight_decay={WEIGHT_DECAY}",
+            f"data.batch_size={BATCH}", f"data.image_size={SIZE}", f"optimizer.lr={LR}",
+            f"optimizer.weight_decay={WEIGHT_DECAY}",
             "report=false", "+callbacks.epoch_timer._target_=timing.EpochTimer", f"run_dir={tmp}"])
         train(cfg)
     return timing.EPOCH_SECONDS[1:]
@@ -74,7 +76,9 @@ def plain_epochs(root: str, seed: int) -> list[float]:
     model, _, _ = load_pretrained("tf_efficientnet_lite0", "auto")
     model.reset_classifier(len(classes))
     pp = resolve_preprocessing(model, {"image_size": SIZE})
-    light = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[2] / "finetune/conf/augment/light.yaml"))
+    light = OmegaConf.to_container(
+        OmegaConf.load(Path(__file__).resolve().parents[2] / "finetune/conf/augment/light.yaml")
+    )
     images = decode_all([f for f, _ in files], decode_side(pp), float("inf"))
     loader = DataLoader(_Decoded(images, [c for _, c in files], train_transform(pp, light, seed)),
                         batch_size=BATCH, shuffle=True, drop_last=True)
@@ -102,9 +106,11 @@ def measure(root: str, rounds: int, log=print) -> dict:
     for r in range(rounds):
         ft += finetune_epochs(root, r)
         plain += plain_epochs(root, r)
-        log(f"overhead round {r + 1}: finetune {min(ft):.2f} s/epoch, plain loop {min(plain):.2f} s/epoch (fastest so far)")
+        log(f"overhead round {r + 1}: finetune {min(ft):.2f} s/epoch, "
+            f"plain loop {min(plain):.2f} s/epoch (fastest so far)")
     f, p = min(ft), min(plain)
-    return {"root": root, "train_images": n_train, "batch": BATCH, "image_size": SIZE, "rounds": rounds, "threads": torch.get_num_threads(),
+    return {"root": root, "train_images": n_train, "batch": BATCH, "image_size": SIZE, "rounds": rounds,
+            "threads": torch.get_num_threads(),
             "finetune_s": [round(t, 2) for t in ft], "plain_s": [round(t, 2) for t in plain],
             "finetune_min_s": round(f, 2), "plain_min_s": round(p, 2), "ratio": round(f / p, 3),
             "median_ratio": round(statistics.median(ft) / statistics.median(plain), 3)}

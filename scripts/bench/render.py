@@ -65,7 +65,8 @@ def markdown(results: dict) -> str:
             ("Backbone: timm `tf_efficientnet_lite0` with the bundled offline ImageNet weights. Timings on shared "
             "machines are noisy: each speed goal is a ratio of two things measured in the same run."),
             ("Reproduce: `scripts/bench.sh` (full) or `scripts/bench.sh --quick` (a 5-minute smoke run of the same "
-            "code: one seed, two small datasets, four policies). Raw numbers: `bench_results/results_<mode>.json`."), ""]
+            "code: one seed, two small datasets, four policies). "
+            "Raw numbers: `bench_results/results_<mode>.json`."), ""]
     if mode == "quick":
         out += [("**This is a --quick run**: one seed and a short budget, too few numbers to judge the "
                 "accuracy goals; run the full benchmark for those."), ""]
@@ -75,7 +76,8 @@ def markdown(results: dict) -> str:
     near = [r for r in rows if "gap_best" in r]
     near_ok = all(r["gap_best"] <= r["noise_best"] for r in near) if judged and near else None
     far = [r for r in rows if "gap_scratch" in r]
-    far_ok = all(r["gap_scratch"] >= 0.05 and r["gap_scratch"] > r["noise_scratch"] for r in far) if judged and far else None
+    far_ok = (all(r["gap_scratch"] >= 0.05 and r["gap_scratch"] > r["noise_scratch"] for r in far)
+              if judged and far else None)
     ov, cache = results["overhead"], results["cache"]
     loader_ratios = [row["ratio"] for block in results["loader"] for row in block["rows"]]
     limit_min = 30 if mode == "full" else 5
@@ -85,7 +87,8 @@ def markdown(results: dict) -> str:
                    f"{r['set']}: {-r['gap_best']:+.4f} vs {r['best']} (noise {r['noise_best']:.4f})" for r in near)
                + f" | {_verdict(near_ok)} |")
     out.append("| accuracy: `auto` against training from scratch, same budget | far above (by 0.05 and beyond "
-               "noise) | " + "; ".join(f"{r['set']}: {r['gap_scratch']:+.4f}" for r in far) + f" | {_verdict(far_ok)} |")
+               "noise) | " + "; ".join(f"{r['set']}: {r['gap_scratch']:+.4f}" for r in far)
+               + f" | {_verdict(far_ok)} |")
     out.append(f"| overhead: one epoch through finetune / the same epoch as a plain PyTorch loop | at most 1.10 | "
                f"{ov['ratio']:.3f} (median epochs: {ov['median_ratio']:.3f}) | {_verdict(ov['ratio'] <= 1.10)} |")
     out.append(f"| feature cache: 10-epoch linear probe without / with the cache | at least 5x | {cache['ratio']:.1f}x "
@@ -126,7 +129,8 @@ def markdown(results: dict) -> str:
     out.append("| dataset | " + " | ".join(policies) + " |")
     out.append("|---|" + "---|" * len(policies))
     for r in rows:
-        out.append(f"| {r['set']} | " + " | ".join(f"{r['wall'][p]:.1f}" if p in r["wall"] else "–" for p in policies) + " |")
+        out.append(f"| {r['set']} | "
+                   + " | ".join(f"{r['wall'][p]:.1f}" if p in r["wall"] else "–" for p in policies) + " |")
     out += ["", "What `auto` chose:", ""]
     for r in rows:
         per_seed = " / ".join(f"{a:.4f}" for a in r["accs"].get("auto", []))

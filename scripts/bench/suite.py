@@ -49,11 +49,14 @@ def environment() -> dict:
     import timm
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor())
+           if Path("/proc/cpuinfo").exists() else platform.processor())
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3 if hasattr(os, "sysconf") else None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=False).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)BENCHMARKS.md"], capture_output=True, text=True, check=False,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
+                            check=False).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                 ":(top,exclude)BENCHMARKS.md"], capture_output=True, text=True, check=False,
                                 cwd=HERE).stdout.strip())
     return {"date": datetime.date.today().isoformat(), "commit": commit + ("+changes" if dirty else ""),
             "cores": os.cpu_count(), "cpu": cpu, "memory_gb": round(mem_gb) if mem_gb else None,
@@ -77,7 +80,8 @@ def main() -> None:
     def log(message: str) -> None:
         print(f"[bench {time.perf_counter() - started:6.0f}s] {message}", flush=True)
 
-    data = datasets.build(datasets.REPO / "data" / "bench", plan["accuracy"]["sets"] + [plan["cache"], plan["overhead"]["set"]])
+    data = datasets.build(datasets.REPO / "data" / "bench",
+                          plan["accuracy"]["sets"] + [plan["cache"], plan["overhead"]["set"]])
     results = {"mode": mode, "environment": environment()}
     log(f"{mode} run on {results['environment']['cores']} cores")
     results["loader"] = [loader.measure(size, plan["loader"]["images"], plan["loader"]["rounds"], log=log)
