@@ -96,9 +96,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
     """One model: the pipeline in the module docstring."""
     resume = resume_checkpoint(cfg.resume)
     resumed = ResumePoint.read(resume) if resume else None  # readable, ours and safe, before anything runs
-    if resume and not cfg.run_dir and Path(str(cfg.resume)).is_dir():
-        cfg = with_value(cfg, "run_dir", str(Path(str(cfg.resume)).resolve()))  # continue in that folder
-    run_dir = resolve_run_dir(cfg)
+    run_dir = resolve_run_dir(cfg)  # set by run_config (train) or the ensemble (a member's folder)
     cfg = with_value(cfg, "run_dir", str(run_dir))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     regularization = Regularization.from_config(OmegaConf.to_container(cfg.regularization, resolve=True))

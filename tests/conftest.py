@@ -59,6 +59,13 @@ def write_images(folder: Path, kind: str, n: int, seed: int, ext: str = "png") -
     return paths
 
 
+def image_folders(root: Path, per_class: int) -> Path:
+    """root/<class>/*.png with ``per_class`` images of each of CLASSES (seeded by class)."""
+    for i, kind in enumerate(CLASSES):
+        write_images(root / kind, kind, per_class, seed=i)
+    return root
+
+
 @pytest.fixture
 def class_folders(tmp_path: Path) -> Path:
     """root/<class>/*.png, 12 images per class."""

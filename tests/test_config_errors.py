@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, FAST, assert_user_error, make_cfg, run_cli, write_images
+from conftest import FAST, assert_user_error, image_folders, make_cfg, run_cli
 
 from finetune.cli.main import report_errors
 from finetune.config import validate_train_config
@@ -22,10 +22,7 @@ from finetune.train import train
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("config_errors") / "images"
-    for i, kind in enumerate(CLASSES):
-        write_images(root / kind, kind, 4, seed=i)
-    return root
+    return image_folders(tmp_path_factory.mktemp("config_errors") / "images", 4)
 
 
 @pytest.fixture(scope="module")

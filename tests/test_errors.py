@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import CLASSES, FAST, assert_user_error, make_cfg, run_cli, write_images
+from conftest import CLASSES, FAST, assert_user_error, image_folders, make_cfg, run_cli, write_images
 
 from finetune.cli.main import report_errors
 from finetune.data.datasets import scan_dataset
@@ -33,10 +33,7 @@ class RunsCode:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("errors") / "images"
-    for i, kind in enumerate(CLASSES):
-        write_images(root / kind, kind, 6, seed=i)
-    return root
+    return image_folders(tmp_path_factory.mktemp("errors") / "images", 6)
 
 @pytest.fixture(scope="module")
 def real_ckpt(tmp_path_factory, images) -> Path:

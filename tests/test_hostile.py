@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BIN, CLASSES, FAST, assert_user_error, make_cfg, run_cli, write_images
+from conftest import BIN, CLASSES, FAST, assert_user_error, image_folders, make_cfg, run_cli, write_images
 
 from finetune.config import check_known_keys, validate_train_config
 from finetune.errors import FinetuneError
@@ -22,10 +22,7 @@ from finetune.train import train
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hostile") / "images"
-    for i, kind in enumerate(CLASSES):
-        write_images(root / kind, kind, 4, seed=i)
-    return root
+    return image_folders(tmp_path_factory.mktemp("hostile") / "images", 4)
 
 
 @pytest.fixture(scope="module")

@@ -92,10 +92,7 @@ def _scan_layout(root: Path, key: str) -> tuple[str, dict[str, list[tuple[str, s
                                                  list[str]]:
     """The layout, (path, class name) per split, the classes, the listing's problems and the non-image files."""
     ignored: list[str] = []
-    if root.is_file():
-        if root.suffix.lower() != ".csv":
-            raise FinetuneError(f"{key}={root} is a file but not a .csv; "
-                                "pass a folder of images or a CSV of path,label.")
+    if root.is_file():  # a .csv: scan_dataset's check_data_root refused any other file
         layout = "csv"
         pairs, origins = scan_csv(root, key)
         pairs, problems = check_listing(pairs, origins)
