@@ -19,7 +19,7 @@ from finetune.errors import FinetuneError, close_matches
 FREE_FORM_KEYS = ("model.kwargs", "trainer", "optimizer", "scheduler", "callbacks", "logger", "hparams_search")
 # The config groups each command composes (their options' YAML files give the keys finetune reads).
 COMMAND_GROUPS = {"train": ("data", "policy", "model", "augment", "optimizer", "scheduler", "regularization",
-                            "trainer", "logger", "callbacks", "hparams_search"),
+                            "trainer", "logger", "callbacks", "recipe", "hparams_search"),
                   "preview": ("data", "model", "augment")}
 
 

@@ -17,17 +17,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import build_optimizer_and_scheduler
 from finetune.data.datamodule import ImageDataModule
-from finetune.data.datasets import DatasetIndex, scan_configured
+from finetune.data.datasets import DatasetIndex, scan_configured, scan_dataset
 from finetune.data.feature_cache import CachedFeatureDataModule
 from finetune.data.mixing import build_batch_mixer
 from finetune.data.transforms import resolve_preprocessing
 from finetune.data.validate import validate_dataset
 from finetune.distributed import decision_of_rank_zero, distributed_run_id
-from finetune.models.backbone import BackboneSpec, attach_head, load_pretrained
+from finetune.models.backbone import BackboneSpec, attach_head, load_pretrained, pretrained_input_size
 from finetune.models.heads import lbfgs_head_note, warm_start_head
 from finetune.models.module import FeatureHeadClassifier, ImageClassifier, Recipe
 from finetune.policy.choose import choose_policy, format_policy_block
 from finetune.policy.stages import build_stage_map
+from finetune.recipe.auto import RecipeDecision, after_measurement, before_measurement, format_recipe_block
 from finetune.recipe.regularization import Regularization
 from finetune.resume import ResumePoint, choice_from_record
 
@@ -51,10 +52,19 @@ class Prepared:
     saved_record: dict[str, Any] | None  # the resumed run's policy.json, reused as it is
     trainable: int
     frozen: int
+    cfg: DictConfig  # the run's config with every recipe=auto choice in it (what config.yaml records)
+    recipe: RecipeDecision | None  # recipe=auto's choices and reasons (recipe.json); None when resumed
+
+
+def recipe_before_measurement(cfg: DictConfig) -> tuple[DictConfig, RecipeDecision]:
+    """recipe=auto's first step on the scanned data (no split carved, to see every training image and
+    whether a val split exists on disk): ``cfg`` with its choices, and the decision."""
+    index = scan_dataset(cfg.data.root, 0.0, cfg.data.test_fraction, cfg.data.split_seed)
+    return before_measurement(cfg, index, pretrained_input_size(cfg.model.backbone))
 
 
 def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularization: Regularization,
-                resumed: ResumePoint | None, resume: str | None) -> Prepared:
+                resumed: ResumePoint | None, resume: str | None, recipe: RecipeDecision | None = None) -> Prepared:
     """Data (scanned and checked), backbone, preprocessing, policy decision, model and datamodule."""
     index = scan_configured(cfg)
     log.info("Dataset: %s", index.summary())
@@ -69,7 +79,10 @@ def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularizati
 
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
     choice, saved_record, run_id = policy_choice(cfg, policy_cfg, run_dir, resumed, backbone, index, preprocessing,
-                                                 pretrained_head)
+                                                 pretrained_head, flip=recipe is not None and recipe.wants_flip_probe)
+    if recipe is not None:
+        cfg = after_measurement(cfg, recipe, choice)
+        log.info("\n%s", format_recipe_block(recipe.to_dict()))
     plan = choice.plan
     spec = BackboneSpec(cfg.model.backbone, len(index.classes), kwargs, plan.cut_after_stage, regularization.pooling)
     net = attach_head(backbone, spec)
@@ -95,11 +108,11 @@ def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularizati
         record = saved_record  # with the measurements that led to it
     log.info("\n%s", format_policy_block(record))
     return Prepared(index, data_report, no_validation, preprocessing, weight_source, plan, augment, module, data,
-                    record, saved_record, trainable, frozen)
+                    record, saved_record, trainable, frozen, cfg, recipe)
 
 
 def policy_choice(cfg: DictConfig, policy_cfg: dict[str, Any], run_dir: Path, resumed: ResumePoint | None,
-                  backbone, index, preprocessing, pretrained_head):
+                  backbone, index, preprocessing, pretrained_head, flip: bool = False):
     """(choice, the resumed run's policy.json or None, run id): the plan a resumed checkpoint was trained
     with, else rank 0's (other DDP ranks), else the one measured and decided now."""
     run_id = distributed_run_id()
@@ -111,7 +124,7 @@ def policy_choice(cfg: DictConfig, policy_cfg: dict[str, Any], run_dir: Path, re
     else:
         choice = decision_of_rank_zero(run_dir, run_id, policy_cfg) if rank_zero_only.rank != 0 and run_id else None
     if choice is None:
-        choice = choose_policy(policy_cfg, backbone, index, preprocessing, pretrained_head, cfg.seed)
+        choice = choose_policy(policy_cfg, backbone, index, preprocessing, pretrained_head, cfg.seed, flip=flip)
     return choice, saved_record, run_id
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ import numpy as np
 
 from finetune.conf import preset
 from finetune.figures import plot_confusion, plot_curves, plot_wrong
+from finetune.recipe.auto import RECIPE_FILE
 from finetune.run_files import write_text
 
 log = logging.getLogger(__name__)
@@ -181,15 +183,33 @@ def _dataset_blocks(run_dir: Path, index) -> list[Block]:
     return blocks
 
 
-def _recipe_blocks(metrics: dict[str, Any], cfg: Any) -> list[Block]:
-    """Optimizer, LR schedule, what the regularization changed from its defaults, augmentation, and the
-    plateau LR reductions."""
+def _auto_recipe_blocks(run_dir: Path) -> list[Block]:
+    """What recipe=auto chose, each value with its reason, and the keys the user set (RUN/recipe.json)."""
+    path = Path(run_dir) / RECIPE_FILE
+    if not path.is_file():
+        return []
+    decision = json.loads(path.read_text(encoding="utf-8"))
+    if decision.get("recipe") != "auto":
+        off = "recipe=off: every value is the configuration's default or as given; none was chosen from the data."
+        return [("p", off)]
+    blocks: list[Block] = [("p", "Chosen from the data by recipe=auto (any can be set on the command line):"),
+                           ("table", ["key", "value", "why"],
+                            [[c["key"], _fmt(c["value"]), c["reason"]] for c in decision.get("choices", [])])]
+    if decision.get("kept_as_given"):
+        blocks.append(("p", "Kept as given: " + ", ".join(f"{k}={_fmt(v)}"
+                                                         for k, v in decision["kept_as_given"].items())))
+    return blocks
+
+
+def _recipe_blocks(run_dir: Path, metrics: dict[str, Any], cfg: Any) -> list[Block]:
+    """What recipe=auto chose and why; optimizer, LR schedule, what the regularization changed from its
+    defaults, augmentation, and the plateau LR reductions."""
     sched = {k: v for k, v in dict(cfg.scheduler).items() if k not in ("_partial_",)}
     opt = {k: v for k, v in dict(cfg.optimizer).items() if k not in ("_partial_",)}
     defaults = preset("regularization", "default")  # what the run changed: the YAML's defaults are not listed
     reg = {k: v for k, v in metrics.get("regularization", {}).items() if v != defaults.get(k)}
     augment = dict(cfg.augment)
-    blocks: list[Block] = [("h", "Recipe"), ("table", ["part", "configuration"], [
+    blocks: list[Block] = [("h", "Recipe"), *_auto_recipe_blocks(run_dir), ("table", ["part", "configuration"], [
         ["optimizer", ", ".join(f"{k}={v}" for k, v in opt.items())],
         ["LR schedule", ", ".join(f"{k}={v}" for k, v in sched.items())],
         ["regularization",
@@ -265,7 +285,7 @@ def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[
     problems: list[str] = []  # figures that could not be drawn (the data check's findings are its own)
     blocks += _dataset_blocks(run_dir, index)
     blocks += [("h", "Transfer policy"), ("pre", policy_block)]
-    blocks += _recipe_blocks(metrics, cfg)
+    blocks += _recipe_blocks(run_dir, metrics, cfg)
     _add_curves(run_dir, metrics.get("lr_reductions") or [], blocks, problems, files)
     _add_per_class(run_dir, index, metrics, split_probs, blocks, problems, files)
     _add_wrong(run_dir, index, split_probs, preprocessing, blocks, problems, files)

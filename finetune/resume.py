@@ -133,22 +133,27 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _typed_keys(cfg: DictConfig):
-    """Whether the user gave a dotted key (or a group or node above it): the CLI's overrides as Hydra
-    parsed them; for a library call, the keys whose value differs from the composed defaults."""
+    """Whether the user gave a dotted key (or a group or node above it): see ``typed_paths``."""
+    paths = typed_paths(cfg)
+    return lambda key: any(key == p or key.startswith(p + ".") for p in paths)
+
+
+def typed_paths(cfg: DictConfig) -> list[str]:
+    """The dotted keys (or groups) the user gave: the CLI's overrides as Hydra parsed them; for a library
+    call, the keys whose value differs from the composed defaults (every key when another app's Hydra
+    composed ``cfg``: then nothing can be told apart)."""
     if HydraConfig.initialized():
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         paths = [o.key_or_group.replace("/", ".") for o in
                  OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))]
-        paths = [p for p in paths if p != "hydra" and not p.startswith("hydra.")]
-        return lambda key: any(key == p or key.startswith(p + ".") for p in paths)
+        return [p for p in paths if p != "hydra" and not p.startswith("hydra.")]
     try:
         defaults = _flatten(OmegaConf.to_container(_composed_defaults(), resolve=False))
     except (HydraException, OmegaConfBaseException, ValueError):  # another app's Hydra: all given counts as typed
-        return lambda key: True
+        return list(cfg.keys())
     given = _flatten(OmegaConf.to_container(cfg, resolve=False))
-    typed = {k for k in set(given) | set(defaults) if given.get(k, _ABSENT) != defaults.get(k, _ABSENT)}
-    return lambda key: key in typed or any(key.startswith(t + ".") for t in typed)
+    return sorted(k for k in set(given) | set(defaults) if given.get(k, _ABSENT) != defaults.get(k, _ABSENT))
 
 
 def _composed_defaults() -> DictConfig:

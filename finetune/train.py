@@ -28,8 +28,9 @@ from finetune.errors import FinetuneError, TrainingInterrupted
 from finetune.history import HistoryCSVLogger
 from finetune.members import ENSEMBLE_FILE
 from finetune.models.backbone import check_backbone_name
-from finetune.prepare import NO_VALIDATION, Prepared, prepare_run
+from finetune.prepare import NO_VALIDATION, Prepared, prepare_run, recipe_before_measurement
 from finetune.preview import write_preview_or_warn
+from finetune.recipe.auto import RECIPE_FILE
 from finetune.recipe.callbacks import (
     LRTrace,
     NonFiniteLossStop,
@@ -99,9 +100,12 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
     run_dir = resolve_run_dir(cfg)  # set by run_config (train) or the ensemble (a member's folder)
     cfg = with_value(cfg, "run_dir", str(run_dir))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # recipe=auto: input size, length, schedule, holdout from the data (a resumed run keeps its config's values)
+    cfg, recipe = (cfg, None) if resume else recipe_before_measurement(cfg)
     regularization = Regularization.from_config(OmegaConf.to_container(cfg.regularization, resolve=True))
     watch = _build_trainer(cfg, run_dir)
-    run = prepare_run(cfg, run_dir, watch.trainer, regularization, resumed, resume)
+    run = prepare_run(cfg, run_dir, watch.trainer, regularization, resumed, resume, recipe)
+    cfg = run.cfg  # with the recipe's choices that needed the measurement (LR, flip)
     if resumed:  # the run files stay as they are unless the checkpoint fits this data and model
         resumed.check_fits(run.index.classes, run.module)
     if rank_zero_only.rank == 0:
@@ -167,6 +171,8 @@ def _write_run_files(cfg: DictConfig, run_dir: Path, run: Prepared, trainer: L.T
     write_json(run_dir / "classes.json", index.classes)
     if run.saved_record is None or resumed.policy_file.parent.resolve() != run_dir:  # in place: kept as it is
         write_json(run_dir / "policy.json", run.record)
+    if run.recipe is not None:
+        write_json(run_dir / RECIPE_FILE, run.recipe.to_dict())
     for logger in trainer.loggers:  # the CSV log keeps the epochs the checkpoint holds
         if isinstance(logger, HistoryCSVLogger):
             logger.keep_history(*((resumed.epoch, resumed.global_step) if resumed else (None,)))

@@ -3,7 +3,7 @@
 # ImageFolder from real images, fine-tune on it, and print the run folder.
 #
 # Usage: scripts/demo.sh [extra finetune overrides...]   (from any directory)
-# Environment: DEMO_EPOCHS (default 10).
+# Environment: DEMO_EPOCHS (default: chosen by recipe=auto).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,13 +27,12 @@ fi
 # 3. The demo ImageFolder (rebuilt from scratch each time, deterministic).
 .venv/bin/python scripts/make_demo_data.py
 
-# 4. Fine-tune; finetune's last line is "Run folder: <path>". The recipe for 10 short epochs on
-#    50 images per class: one-cycle LR, no augmentation, and the whole (tightly framed) image instead of
-#    the pretrained config's 87.5% centre crop (all measured in BENCHMARKS.md).
+# 4. Fine-tune with nothing but the data: recipe=auto chooses the input size, length, LR, schedule and
+#    augmentation from the images and says why (the "Recipe (auto)" block, RUN/recipe.json, the report).
+#    finetune's last line is "Run folder: <path>". DEMO_EPOCHS=N overrides the chosen length.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-.venv/bin/finetune data.root=data/fashion_mnist_fewshot data.image_size=64 \
-    data.crop_pct=1.0 scheduler=onecycle augment=none trainer.max_epochs="${DEMO_EPOCHS:-10}" "$@" | tee "$log"
+.venv/bin/finetune data.root=data/fashion_mnist_fewshot ${DEMO_EPOCHS:+trainer.max_epochs="$DEMO_EPOCHS"} "$@" | tee "$log"
 
 run_folder=$(sed -n 's/^Run folder: //p' "$log" | tail -n 1)
 if [[ -z $run_folder ]]; then

@@ -99,6 +99,7 @@ FAST = [
     "trainer.accelerator=cpu",
     "trainer.devices=1",
     "trainer.enable_progress_bar=false",
+    "recipe=off",  # the fixed recipe these tests check; tests/test_recipe_auto.py checks recipe=auto
 ]
 
 

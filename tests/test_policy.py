@@ -176,8 +176,9 @@ def test_auto_writes_complete_policy_json(class_folders, fast_cfg, tmp_path):
 
 
 def test_linear_probe_uses_feature_cache_and_matches_image_path(split_folders, fast_cfg, tmp_path):
+    from conftest import make_cfg
+
     from finetune.inference import evaluate
-    from tests.conftest import make_cfg
 
     metrics = train(fast_cfg(split_folders, "policy=linear_probe", "trainer.max_epochs=3"))
     record = json.loads((tmp_path / "run" / "policy.json").read_text())
@@ -234,11 +235,11 @@ def test_unfreezing_survives_plateau_reduction_and_resume(policy, class_folders,
 
 
 def test_bad_policy_values_are_clear_errors(lite0):
+    from conftest import make_cfg
     from omegaconf import OmegaConf
 
     from finetune.errors import FinetuneError
     from finetune.policy.choose import choose_policy
-    from tests.conftest import make_cfg
 
     cfg = OmegaConf.to_container(make_cfg(["policy.actions.small_similar=bogus"]).policy)
     with pytest.raises(FinetuneError, match="policy.actions.small_similar=bogus"):

@@ -66,6 +66,15 @@ def check_backbone_name(name: str, key: str = "model.backbone") -> None:
         )
 
 
+def pretrained_input_size(name: str) -> int:
+    """The square input size of ``name``'s pretrained config, without creating the model (timm's default
+    data config when the name has none)."""
+    from timm.data import resolve_data_config
+
+    pretrained = timm.models.get_pretrained_cfg(name)
+    return int(resolve_data_config({}, pretrained_cfg=pretrained.to_dict() if pretrained else {})["input_size"][-1])
+
+
 def weight_source(name: str, weights: str | None) -> str:
     weights = "none" if weights in (None, False, "") else str(weights)
     if weights == "auto":

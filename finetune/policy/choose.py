@@ -43,9 +43,10 @@ class PolicyChoice:
 
 def choose_policy(
     policy_cfg: Mapping[str, Any], model: nn.Module, index: DatasetIndex, pp: Preprocessing,
-    pretrained_head: bool, seed: int,
+    pretrained_head: bool, seed: int, flip: bool = False,
 ) -> PolicyChoice:
-    """Measure (when enabled or needed), place the data in the table, and plan the requested policy."""
+    """Measure (when enabled or needed), place the data in the table, and plan the requested policy.
+    ``flip``: also measure how a probe scores flipped images (recipe=auto's flip rule)."""
     requested = str(policy_cfg["name"])
     if requested not in POLICIES:
         raise FinetuneError(f"policy.name={requested} is not one of {', '.join(POLICIES)}.")
@@ -66,7 +67,7 @@ def choose_policy(
             )
         measurements = measure(
             model, index, pp, pretrained_head, max_per_class=int(m_cfg["max_per_class"]),
-            max_images=int(m_cfg["max_images"]), folds=int(m_cfg["folds"]), seed=int(m_cfg["seed"]),
+            max_images=int(m_cfg["max_images"]), folds=int(m_cfg["folds"]), seed=int(m_cfg["seed"]), flip=flip,
         )
         decision = decide(measurements, thresholds, actions)
     applied = decision.policy if requested == "auto" else requested

@@ -46,6 +46,9 @@ class Measurements:
     best_acc: float
     depth_gap: float  # best accuracy minus pre-logits accuracy (>= 0)
     head_confidence: dict[str, float] | None = None
+    # A probe trained on the images, scored on held-out images flipped left-right (best features; None when
+    # not measured): close to best_acc when a flip keeps the class (recipe=auto's flip rule).
+    flip_probe_acc: float | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -69,26 +72,29 @@ def subsample(samples: list[Sample], max_per_class: int, max_images: int, seed: 
 
 @torch.inference_mode()
 def extract_features(
-    model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_size: int = 64
+    model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_size: int = 64, flip: bool = False
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
-    """Pooled per-stage features, pre-logits features, and the pretrained head's logits (if any).
+    """Pooled per-stage features, pre-logits features, and the pretrained head's logits (if any); with
+    ``flip``, those of the images flipped left-right (and no logits).
 
     The model is put back in the mode it came in: the same network trains next, and Lightning keeps
     the mode it finds (a model left in eval mode would fine-tune with every BatchNorm frozen)."""
     was_training = model.training
     model.eval()
     try:
-        return _extract(model, samples, pp, batch_size)
+        return _extract(model, samples, pp, batch_size, flip)
     finally:
         model.train(was_training)
 
 
-def _extract(model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_size: int):
+def _extract(model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_size: int, flip: bool = False):
     images = decode_all([p for p, _ in samples], decode_side(pp), float("inf"))
     loader = DataLoader(ImageListDataset(samples, eval_transform(pp), images), batch_size=batch_size)
     stages: list[list[np.ndarray]] = []
     prelogits, logits = [], []
     for x, _ in loader:
+        if flip:
+            x = x.flip(-1)
         final, intermediates = model.forward_intermediates(x)
         if not stages:
             stages = [[] for _ in intermediates]
@@ -97,7 +103,7 @@ def _extract(model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_s
         pre = model.forward_head(final, pre_logits=True)
         prelogits.append(pre.float().numpy())
         classifier = model.get_classifier()
-        if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
+        if not flip and isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
             logits.append(classifier(pre).float().numpy())
     return (
         [np.concatenate(b) for b in stages],
@@ -116,6 +122,22 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int, seed: i
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=300))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return float(np.mean(cross_val_score(clf, features, labels, cv=cv)))
+
+
+def flip_probe_accuracy(features: np.ndarray, flipped: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> float:
+    """Mean k-fold accuracy of the same probe as ``probe_accuracy``, trained on each fold's training images
+    and scored on its held-out images flipped left-right (same folds)."""
+    from sklearn.base import clone
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=300))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = [clone(clf).fit(features[tr], labels[tr]).score(flipped[te], labels[te])
+              for tr, te in cv.split(features, labels)]
+    return float(np.mean(scores))
 
 
 def head_confidence(logits: np.ndarray) -> dict[str, float]:
@@ -137,6 +159,7 @@ def measure(
     max_images: int = 2000,
     folds: int = 5,
     seed: int = 0,
+    flip: bool = False,
 ) -> Measurements:
     """All measurements for ``index``'s training split against ``model`` (with its pretrained head)."""
     started = time.perf_counter()
@@ -156,6 +179,12 @@ def measure(
     all_acc = stage_acc + [pre_acc]
     best = int(np.argmax(all_acc)) if stage_acc else len(all_acc) - 1
     best_stage = None if best == len(stage_acc) or all_acc[best] <= pre_acc else best
+    flip_acc = None
+    if flip and min_count >= 2:  # the best features of the same images flipped, through the same folds
+        flipped_stages, flipped_pre, _ = extract_features(model, picked, pp, flip=True)
+        kept, flipped = ((stage_feats[best_stage], flipped_stages[best_stage]) if best_stage is not None
+                         else (pre, flipped_pre))
+        flip_acc = round(flip_probe_accuracy(kept, flipped, labels, k, seed), 4)
     return Measurements(
         images_train=len(train),
         num_classes=len(index.classes),
@@ -169,6 +198,7 @@ def measure(
         best_acc=round(max(all_acc), 4),
         depth_gap=round(max(all_acc) - pre_acc, 4),
         head_confidence=head_confidence(logits) if (pretrained_head and logits is not None) else None,
+        flip_probe_acc=flip_acc,
         seconds=round(time.perf_counter() - started, 2),
         notes=notes,
     )
