@@ -1,11 +1,16 @@
 """Every benchmark of BENCHMARKS.md in one run: loader speed, feature cache, training-loop overhead,
-then accuracy per policy. Writes bench_results/*.json and rewrites the generated part of BENCHMARKS.md.
+then accuracy: zero-config against every policy with the hand recipe. Writes bench_results/*.json and
+rewrites the generated part of BENCHMARKS.md.
 
-    .venv/bin/python scripts/bench/suite.py [--quick] [--no-write]
+    .venv/bin/python scripts/bench/suite.py [--quick] [--accuracy-only] [--no-write]
 
-Full: 3 seeds x 4 datasets x 8 policies, overhead over 2 rounds (~30 min on 2 cores).
---quick: seed 0, two small datasets, 4 policies, one round of everything (~5 min): a smoke run of the
-same code, whose numbers are too few to judge the goals (the summary says so).
+Full: 3 seeds x 7 datasets x 8 columns (zero-config, auto and the six fixed policies; `scratch` is left
+out to save time: `accuracy.py --policies ... scratch` runs it), overhead over 2 rounds.
+--quick: seed 0, two datasets (fmnist-10, stamps), three columns (zero-config, linear_probe, full; no
+scratch), a small budget (recipe.budget=500), one round of everything (~5 min): a smoke run of the same
+code, whose numbers are too few to judge the accuracy goals (the summary says so).
+--accuracy-only: only the accuracy part; BENCHMARKS.md keeps the overhead, cache and loader sections of
+its previous generated part (said so there).
 """
 
 from __future__ import annotations
@@ -29,15 +34,16 @@ import loader
 import overhead
 import render
 
+FULL_SETS = ["fmnist-10", "fmnist-50", "fmnist-200", "digits", "stamps", "emoji-objects", "glyphs"]
+FULL_POLICIES = [accuracy.ZERO, "auto", "linear_probe", "stage_probe", "partial", "full", "lp_ft", "gradual"]
 MODES = {
     "full": {"loader": {"sizes": [64, 224], "images": 200, "rounds": 3},
              "cache": "fmnist-200", "overhead": {"set": "fmnist-50", "rounds": 2},
-             "accuracy": {"sets": ["fmnist-10", "fmnist-50", "fmnist-200", "digits"], "seeds": [0, 1, 2],
-                          "policies": list(accuracy.POLICIES), "images_seen": 4000}},
+             "accuracy": {"sets": FULL_SETS, "seeds": [0, 1, 2], "policies": FULL_POLICIES, "budget": None}},
     "quick": {"loader": {"sizes": [64], "images": 60, "rounds": 1},
               "cache": "fmnist-200", "overhead": {"set": "fmnist-50", "rounds": 1},
-              "accuracy": {"sets": ["fmnist-10", "digits"], "seeds": [0],
-                           "policies": ["auto", "linear_probe", "full", "scratch"], "images_seen": 1000}},
+              "accuracy": {"sets": ["fmnist-10", "stamps"], "seeds": [0],
+                           "policies": [accuracy.ZERO, "linear_probe", "full"], "budget": 500}},
 }
 
 
@@ -69,8 +75,15 @@ def environment() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--accuracy-only", action="store_true", help="run only the accuracy part")
     parser.add_argument("--out", type=Path, default=datasets.REPO / "bench_results")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    parser.add_argument("--seeds", type=int, nargs="+", help="accuracy seeds (default: the mode's)")
+    parser.add_argument("--budget", type=int, help="recipe.budget for the accuracy part (default: the mode's)")
+    parser.add_argument("--workers", type=int, default=2, help="accuracy runs at a time")
+    parser.add_argument("--threads", type=int, help="threads per accuracy run (default cores // workers)")
+    parser.add_argument("--policies", nargs="+", choices=list(accuracy.POLICIES),
+                        help="accuracy columns (default: the mode's)")
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
     plan = MODES[mode]
@@ -80,24 +93,30 @@ def main() -> None:
     def log(message: str) -> None:
         print(f"[bench {time.perf_counter() - started:6.0f}s] {message}", flush=True)
 
-    data = datasets.build(datasets.REPO / "data" / "bench",
-                          plan["accuracy"]["sets"] + [plan["cache"], plan["overhead"]["set"]])
     results = {"mode": mode, "environment": environment()}
-    log(f"{mode} run on {results['environment']['cores']} cores")
-    results["loader"] = [loader.measure(size, plan["loader"]["images"], plan["loader"]["rounds"], log=log)
-                         | {"size": size} for size in plan["loader"]["sizes"]]
-    results["cache"] = feature_cache.measure(str(data[plan["cache"]]), log=log)
-    results["overhead"] = overhead.measure(str(data[plan["overhead"]["set"]]), plan["overhead"]["rounds"], log=log)
+    log(f"{mode} run{' (accuracy only)' if args.accuracy_only else ''} on {results['environment']['cores']} cores")
+    if not args.accuracy_only:
+        data = datasets.build(datasets.REPO / "data" / "bench", [plan["cache"], plan["overhead"]["set"]])
+        results["loader"] = [loader.measure(size, plan["loader"]["images"], plan["loader"]["rounds"], log=log)
+                             | {"size": size} for size in plan["loader"]["sizes"]]
+        results["cache"] = feature_cache.measure(str(data[plan["cache"]]), log=log)
+        results["overhead"] = overhead.measure(str(data[plan["overhead"]["set"]]), plan["overhead"]["rounds"],
+                                               log=log)
     a = plan["accuracy"]
-    results["accuracy"] = accuracy.run_all(a["sets"], a["seeds"], a["policies"], a["images_seen"], workers=2,
-                                           data_root=datasets.REPO / "data" / "bench", log=log)
+    budget = args.budget if args.budget is not None else a["budget"]
+    results["accuracy"] = accuracy.run_all(a["sets"], args.seeds or a["seeds"], args.policies or a["policies"],
+                                           args.workers,
+                                           data_root=datasets.REPO / "data" / "bench", log=log, budget=budget,
+                                           threads=args.threads)
     results["total_s"] = round(time.perf_counter() - started, 1)
-    (args.out / f"results_{mode}.json").write_text(json.dumps(results, indent=2))
-    log(f"done in {results['total_s'] / 60:.1f} min; results in {args.out / f'results_{mode}.json'}")
-    text = render.markdown(results)
+    name = f"results_{mode}{'_accuracy' if args.accuracy_only else ''}.json"
+    (args.out / name).write_text(json.dumps(results, indent=2))
+    log(f"done in {results['total_s'] / 60:.1f} min; results in {args.out / name}")
+    target = datasets.REPO / "BENCHMARKS.md"
+    text = render.markdown(results, previous=render.generated_part(target))
     print(text)
     if not args.no_write:
-        render.write_into(datasets.REPO / "BENCHMARKS.md", text)
+        render.write_into(target, text)
         log("BENCHMARKS.md rewritten (generated section)")
 
 
