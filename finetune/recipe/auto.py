@@ -62,6 +62,20 @@ class RecipeDecision:
         """Record a key the user set, with its value (a whole group as its mapping)."""
         self.kept[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
+    def chooser(self, cfg: DictConfig, values: dict[str, Any]) -> Callable[[str, Any, str], None]:
+        """``choose(key, value, reason)``: put ``value`` in ``values`` and record why, unless the user set
+        ``key`` (then their value is kept and listed as given)."""
+        given = given_by_user(self.given_paths)
+
+        def choose(key: str, value: Any, reason: str) -> None:
+            if given(key):
+                self.keep(key, OmegaConf.select(cfg, key))
+                return
+            values[key] = value
+            self.set(key, value, reason)
+
+        return choose
+
     def set(self, key: str, value: Any, reason: str) -> None:
         """Record a choice (a later rule for the same key replaces the earlier one)."""
         self.choices = [c for c in self.choices if c.key != key] + [Choice(key, value, reason)]
@@ -216,13 +230,7 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
                       "training_images": len(train), "val_split_on_disk": has_val}
     decision.wants_flip_probe = not given("augment")
     values: dict[str, Any] = {}
-
-    def choose(key: str, value: Any, why: str) -> None:
-        if given(key):
-            decision.keep(key, OmegaConf.select(cfg, key))
-            return
-        values[key] = value
-        decision.set(key, value, why)
+    choose = decision.chooser(cfg, values)
 
     has_holdout = not has_val and float(cfg.data.val_fraction) > 0
     if has_holdout:
@@ -286,16 +294,9 @@ def after_measurement(cfg: DictConfig, decision: RecipeDecision, choice) -> Dict
     if decision.mode != "auto":
         return cfg
     rules = OmegaConf.to_container(cfg.recipe, resolve=True)
-    given = given_by_user(decision.given_paths)
     values: dict[str, Any] = {}
+    choose = decision.chooser(cfg, values)
     plan, m = choice.plan, choice.measurements
-
-    def choose(key: str, value: Any, why: str) -> None:
-        if given(key):
-            decision.keep(key, OmegaConf.select(cfg, key))
-            return
-        values[key] = value
-        decision.set(key, value, why)
 
     if m is not None and not plan.head_only:
         gap, far_gap = float(m.depth_gap), float(rules["lr_far_gap"])
