@@ -16,7 +16,6 @@ the report. The rule numbers live in ``conf/recipe/auto.yaml``; BENCHMARKS.md ha
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 from collections import Counter
@@ -27,8 +26,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.conf import preset
-
-log = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.json"
 # Schedules that end at a small LR when the run's length is known (their _target_s).
@@ -83,11 +80,6 @@ class RecipeDecision:
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.mode, "facts": self.facts, "choices": [c.to_dict() for c in self.choices],
                 "kept_as_given": self.kept}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RecipeDecision:
-        return cls(str(d.get("recipe", "auto")), [Choice(**c) for c in d.get("choices", [])],
-                   dict(d.get("kept_as_given", {})), dict(d.get("facts", {})))
 
 
 def format_recipe_block(decision: Mapping[str, Any]) -> str:
