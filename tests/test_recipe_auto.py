@@ -224,3 +224,15 @@ def test_second_step_lr_and_flip_from_the_measurement_in_a_library_call(tmp_path
     after_measurement(cfg, decision, _choice("linear_probe", gap=0.0, best=0.8, flipped=0.79))
     assert "optimizer.lr" not in {c.key for c in decision.choices}
     assert "cached features" in next(c.reason for c in decision.choices if c.key == "augment")
+
+
+def test_advise_measures_at_the_size_training_will_use_and_shows_the_recipe(tmp_path: Path, capsys):
+    from finetune.advise import advise
+
+    root = image_folders(tmp_path / "imgs", 10)  # 40 px images: recipe=auto trains (and so measures) at 96 px
+    record = advise(make_cfg([f"data.root={root}", "recipe=auto", "trainer.accelerator=cpu"]))
+    chosen = {c["key"]: c["value"] for c in record["recipe"]["choices"]}
+    assert chosen["data.image_size"] == 96 and "augment" in chosen
+    assert record["measurements"]["flip_probe_acc"] is not None  # the flip rule's evidence was measured
+    out = capsys.readouterr().out
+    assert "Recipe (auto)" in out and "Train with it: finetune data.root=" in out
