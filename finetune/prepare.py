@@ -59,6 +59,8 @@ class Prepared:
 def recipe_before_measurement(cfg: DictConfig) -> tuple[DictConfig, RecipeDecision]:
     """recipe=auto's first step on the scanned data (no split carved, to see every training image and
     whether a val split exists on disk): ``cfg`` with its choices, and the decision."""
+    if str(cfg.recipe.name) != "auto":  # recipe=off: nothing to read
+        return cfg, RecipeDecision(str(cfg.recipe.name))
     index = scan_dataset(cfg.data.root, 0.0, cfg.data.test_fraction, cfg.data.split_seed)
     return before_measurement(cfg, index, pretrained_input_size(cfg.model.backbone))
 
