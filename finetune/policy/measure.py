@@ -72,23 +72,27 @@ def subsample(samples: list[Sample], max_per_class: int, max_images: int, seed: 
 
 @torch.inference_mode()
 def extract_features(
-    model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_size: int = 64, flip: bool = False
+    model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_size: int = 64, flip: bool = False,
+    images: list[np.ndarray] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
     """Pooled per-stage features, pre-logits features, and the pretrained head's logits (if any); with
-    ``flip``, those of the images flipped left-right (and no logits).
+    ``flip``, those of the images flipped left-right (and no logits). ``images``: the samples already
+    decoded (``decode_all``), so a second pass over the same images does not decode them again.
 
     The model is put back in the mode it came in: the same network trains next, and Lightning keeps
     the mode it finds (a model left in eval mode would fine-tune with every BatchNorm frozen)."""
     was_training = model.training
     model.eval()
     try:
-        return _extract(model, samples, pp, batch_size, flip)
+        return _extract(model, samples, pp, batch_size, flip, images)
     finally:
         model.train(was_training)
 
 
-def _extract(model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_size: int, flip: bool = False):
-    images = decode_all([p for p, _ in samples], decode_side(pp), float("inf"))
+def _extract(model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_size: int, flip: bool = False,
+             images: list[np.ndarray] | None = None):
+    if images is None:
+        images = decode_all([p for p, _ in samples], decode_side(pp), float("inf"))
     loader = DataLoader(ImageListDataset(samples, eval_transform(pp), images), batch_size=batch_size)
     stages: list[list[np.ndarray]] = []
     prelogits, logits = [], []
@@ -173,7 +177,8 @@ def measure(
     notes = []
     if min_count < 2:
         notes.append("a class has a single training image: probe accuracies are unreliable")
-    stage_feats, pre, logits = extract_features(model, picked, pp)
+    images = decode_all([p for p, _ in picked], decode_side(pp), float("inf"))  # once, for both passes
+    stage_feats, pre, logits = extract_features(model, picked, pp, images=images)
     stage_acc = [round(probe_accuracy(f, labels, k, seed), 4) for f in stage_feats] if min_count >= 2 else []
     pre_acc = round(probe_accuracy(pre, labels, k, seed), 4) if min_count >= 2 else 0.0
     all_acc = stage_acc + [pre_acc]
@@ -181,7 +186,7 @@ def measure(
     best_stage = None if best == len(stage_acc) or all_acc[best] <= pre_acc else best
     flip_acc = None
     if flip and min_count >= 2:  # the best features of the same images flipped, through the same folds
-        flipped_stages, flipped_pre, _ = extract_features(model, picked, pp, flip=True)
+        flipped_stages, flipped_pre, _ = extract_features(model, picked, pp, flip=True, images=images)
         kept, flipped = ((stage_feats[best_stage], flipped_stages[best_stage]) if best_stage is not None
                          else (pre, flipped_pre))
         flip_acc = round(flip_probe_accuracy(kept, flipped, labels, k, seed), 4)

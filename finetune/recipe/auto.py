@@ -177,10 +177,9 @@ def fit_size_to_budget(size: int, n_train: int, device: str, rules: Mapping[str,
                      f"learn more than a few at a larger one")
 
 
-def epochs_rule(n_train: int, device: str, rules: Mapping[str, Any], size: int | None = None) -> tuple[int, str]:
+def epochs_rule(n_train: int, device: str, rules: Mapping[str, Any], size: int) -> tuple[int, str]:
     """(epochs, why): the budget's images seen (scaled by the input's area) over the training images, within
     [min_epochs, max_epochs]."""
-    size = size or int(rules["budget_size"])
     lo, hi = int(rules["min_epochs"]), int(rules["max_epochs"])
     epochs = max(lo, min(hi, round(_epochs_at(size, n_train, device, rules))))
     images = budget_images(device, rules)
