@@ -62,7 +62,8 @@ def test_ddp_ranks_share_rank_zeros_decision_and_train_a_cached_head_on_all_feat
             write_images(root / split / kind, kind, n, seed=10 * s + i)
     # policy=auto measures on rank 0 only; the table's small cells are pointed at linear_probe here.
     common = [f"data.root={root}", "data.image_size=32", "policy=auto", "policy.actions.small_similar=linear_probe",
-              "policy.actions.small_different=linear_probe", "trainer.max_epochs=2", "report=false",
+              "policy.actions.small_different=linear_probe", "policy.actions.small_different_last_stage=linear_probe",
+              "trainer.max_epochs=2", "report=false",
               "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
     result = subprocess.run([str(Path(sys.executable).parent / "finetune"), *common, "trainer.devices=2",
                              "trainer.strategy=ddp", f"run_dir={tmp_path / 'ddp'}"],

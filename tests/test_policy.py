@@ -21,7 +21,7 @@ from finetune.train import train
 
 THRESHOLDS = {"small_max_per_class": 100, "similar_max_gap": 0.01}
 ACTIONS = {"small_similar": "linear_probe", "small_different": "stage_probe", "large_similar": "partial",
-           "large_different": "full"}
+           "large_different": "full", "small_different_last_stage": "partial"}
 PP = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 
 
@@ -52,6 +52,21 @@ def test_decision_covers_all_four_cells(per_class, stages, pre, quadrant, policy
     assert (d.quadrant, d.policy) == (quadrant, policy)
     assert any("small_max_per_class=100" in r for r in d.reasons)
     assert any("similar_max_gap=0.01" in r for r in d.reasons)
+
+
+def test_little_different_data_best_on_the_last_stage_gets_the_refined_action():
+    """A stage_probe cut after the last stage would keep every stage: the cell's refinement (partial) applies,
+    with its reason; the best probe on an earlier stage keeps stage_probe; the refinement is a config key."""
+    last_best = measurements(20, [0.33, 0.52, 0.54, 0.65, 0.76], 0.73)  # stamps' evidence at 128 px
+    d = decide(last_best, THRESHOLDS, ACTIONS)
+    assert (d.quadrant, d.policy) == ("small_different", "partial")
+    assert any("last stage (4)" in r and "small_different_last_stage=partial" in r for r in d.reasons)
+    earlier_best = measurements(20, [0.5, 0.7, 0.74, 0.82, 0.78], 0.77)
+    assert decide(earlier_best, THRESHOLDS, ACTIONS).policy == "stage_probe"
+    plain = decide(last_best, THRESHOLDS, {**ACTIONS, "small_different_last_stage": "stage_probe"})
+    assert plain.policy == "stage_probe" and not any("last stage" in r for r in plain.reasons)
+    large = measurements(500, [0.33, 0.52, 0.54, 0.65, 0.76], 0.73)
+    assert decide(large, THRESHOLDS, ACTIONS).policy == "full"
 
 
 def test_thresholds_come_from_config():

@@ -6,7 +6,10 @@
 | a lot of data    | partial (top stages)  | full (discriminative learning rates)        |
 
 "Little" and "similar" are thresholds from ``conf/policy/*.yaml``; every decision returns the
-numbers it compared, so policy.json can show why.
+numbers it compared, so policy.json can show why. One refinement of the "little, different" cell: when
+the best probe is on the last stage there is no earlier stage to cut to (the cut would drop only the
+neck), so ``actions.small_different_last_stage`` (partial: the top stages train, the generic lower ones
+stay frozen) applies; measured in BENCHMARKS.md ("The cell on colour data").
 """
 
 from __future__ import annotations
@@ -48,4 +51,14 @@ def decide(m: Measurements, thresholds: Mapping[str, Any], actions: Mapping[str,
         f"{'similar to' if similar else 'different from'} the pretraining domain"
     )
     reasons = [size_reason, similarity_reason]
-    return Decision(quadrant, actions[quadrant], small, similar, reasons)
+    policy = actions[quadrant]
+    last = len(m.stage_probe_acc) - 1
+    refined = actions["small_different_last_stage"]
+    if quadrant == "small_different" and m.best_stage is not None and m.best_stage == last and refined != policy:
+        policy = refined
+        reasons.append(
+            f"the best probe is on the last stage ({last}): cutting there keeps every stage and drops only the "
+            f"neck, so there is no earlier stage to train a classifier from -> "
+            f"small_different_last_stage={refined}"
+        )
+    return Decision(quadrant, policy, small, similar, reasons)
