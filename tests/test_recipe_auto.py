@@ -71,11 +71,12 @@ def test_device_is_read_from_the_trainer_config():
     assert device_kind(make_cfg(["trainer.accelerator=cpu"])) == "cpu"
 
 
-def test_no_holdout_only_on_tiny_data(tmp_path: Path):
-    tiny = scan_dataset(image_folders(tmp_path / "tiny", 10), 0.0)
-    fraction, why = holdout_rule(tiny, RULES)
-    assert fraction == 0.0 and "cross-validated" in why
-    assert holdout_rule(scan_dataset(image_folders(tmp_path / "more", 40), 0.0), RULES)[0] is None
+def test_no_holdout_only_on_small_data(tmp_path: Path):
+    limit = RULES["no_holdout_max_per_class"]
+    small = scan_dataset(image_folders(tmp_path / "small", limit), 0.0)
+    fraction, why = holdout_rule(small, RULES)
+    assert fraction == 0.0 and "cross-validated" in why and f"<= {limit}" in why
+    assert holdout_rule(scan_dataset(image_folders(tmp_path / "more", limit + 1), 0.0), RULES)[0] is None
 
 
 def test_median_shorter_side_reads_headers(tmp_path: Path):

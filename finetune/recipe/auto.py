@@ -190,7 +190,7 @@ def epochs_rule(n_train: int, device: str, rules: Mapping[str, Any], size: int) 
 
 
 def holdout_rule(index, rules: Mapping[str, Any]) -> tuple[float | None, str]:
-    """(data.val_fraction, why) when there is no val split on disk and the data is tiny: train on every image
+    """(data.val_fraction, why) when there is no val split on disk and the data is small: train on every image
     (the policy was chosen by cross-validation, the schedule anneals to a fixed end and the last epoch is
     scored, so nothing needs the held-out images), else None (the configured holdout stays)."""
     per_class = Counter(label for _, label in index.splits["train"])
