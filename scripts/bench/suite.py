@@ -11,6 +11,9 @@ scratch), a small budget (recipe.budget=500), one round of everything (~5 min): 
 code, whose numbers are too few to judge the accuracy goals (the summary says so).
 --accuracy-only: only the accuracy part; BENCHMARKS.md keeps the overhead, cache and loader sections of
 its previous generated part (said so there).
+--sets A B --keep-rows OLD.json (with --accuracy-only): rerun only these rows of the accuracy table and carry
+the others over from a previous results file of the same seeds, columns and budget (the table says which rows
+and from which run): for a change that can only move some rows.
 """
 
 from __future__ import annotations
@@ -72,6 +75,24 @@ def environment() -> dict:
             "hydra": hydra.__version__, "scikit-learn": sklearn.__version__}
 
 
+def carry_rows(acc: dict, old: dict, order: list[str]) -> None:
+    """Add to ``acc`` the rows of ``old`` (a results file) that ``acc`` did not run, if both ran the same seeds,
+    columns and budget; ``acc["carried"]`` names them and their run for the table."""
+    prev = old["accuracy"]
+    for key in ("seeds", "policies", "budget"):
+        if prev.get(key) != acc.get(key):
+            raise SystemExit(f"--keep-rows: {key} differ ({prev.get(key)} there, {acc.get(key)} here); "
+                             f"rerun every row instead")
+    kept = [s for s in prev["sets"] if s not in acc["sets"]]
+    acc["runs"] += [r for r in prev["runs"] if r["set"] in kept]
+    for key in ("plans", "train_images"):
+        acc[key] = {**{s: prev[key][s] for s in kept}, **acc[key]}
+    acc["sets"] = sorted(acc["sets"] + kept, key=lambda s: order.index(s) if s in order else len(order))
+    env = old["environment"]
+    acc["carried"] = {"sets": kept, "from": f"{env['date']} (commit {env['commit']})",
+                      "total_s": prev["total_s"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -84,7 +105,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="threads per accuracy run (default cores // workers)")
     parser.add_argument("--policies", nargs="+", choices=list(accuracy.POLICIES),
                         help="accuracy columns (default: the mode's)")
+    parser.add_argument("--sets", nargs="+", help="accuracy rows to run (default: the mode's)")
+    parser.add_argument("--keep-rows", type=Path,
+                        help="results file whose rows not in --sets are carried over (needs --accuracy-only)")
     args = parser.parse_args()
+    if args.keep_rows and not args.accuracy_only:
+        parser.error("--keep-rows needs --accuracy-only (the other parts would be from a different run)")
     mode = "quick" if args.quick else "full"
     plan = MODES[mode]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -104,10 +130,12 @@ def main() -> None:
                                                log=log)
     a = plan["accuracy"]
     budget = args.budget if args.budget is not None else a["budget"]
-    results["accuracy"] = accuracy.run_all(a["sets"], args.seeds or a["seeds"], args.policies or a["policies"],
-                                           args.workers,
+    results["accuracy"] = accuracy.run_all(args.sets or a["sets"], args.seeds or a["seeds"],
+                                           args.policies or a["policies"], args.workers,
                                            data_root=datasets.REPO / "data" / "bench", log=log, budget=budget,
                                            threads=args.threads)
+    if args.keep_rows:
+        carry_rows(results["accuracy"], json.loads(args.keep_rows.read_text()), a["sets"])
     results["total_s"] = round(time.perf_counter() - started, 1)
     name = f"results_{mode}{'_accuracy' if args.accuracy_only else ''}.json"
     (args.out / name).write_text(json.dumps(results, indent=2))
