@@ -210,6 +210,8 @@ def test_second_step_lr_and_flip_from_the_measurement_in_a_library_call(tmp_path
     chosen = {c.key: c.value for c in decision.choices}
     assert chosen["optimizer.lr"] == RULES["lr"]["far"] == out.optimizer.lr
     assert chosen["augment"] == "flip" and list(out.augment.transforms[0]) == ["HorizontalFlip"]
+    smoothing = RULES["label_smoothing"]
+    assert chosen["regularization.label_smoothing"] == smoothing == out.regularization.label_smoothing > 0
     json.dumps(decision.to_dict())  # what recipe.json holds is plain data
     # A flip that changes the class (a mirrored 3) is never used; a near domain gets the usual LR
     cfg, decision = _auto(root, "trainer.max_epochs=20")
@@ -223,8 +225,13 @@ def test_second_step_lr_and_flip_from_the_measurement_in_a_library_call(tmp_path
     assert "too few" in next(c.reason for c in decision.choices if c.key == "augment")
     cfg, decision = _auto(root)
     after_measurement(cfg, decision, _choice("linear_probe", gap=0.0, best=0.8, flipped=0.79))
-    assert "optimizer.lr" not in {c.key for c in decision.choices}
+    assert not {"optimizer.lr", "regularization.label_smoothing"} & {c.key for c in decision.choices}
     assert "cached features" in next(c.reason for c in decision.choices if c.key == "augment")
+    # A smoothing the user set is kept as given
+    cfg, decision = _auto(root, "regularization.label_smoothing=0.2")
+    out = after_measurement(cfg, decision, _choice("stage_probe", gap=0.08, best=0.8, flipped=0.79))
+    assert out.regularization.label_smoothing == 0.2
+    assert "regularization.label_smoothing" not in {c.key for c in decision.choices}
 
 
 def test_advise_measures_at_the_size_training_will_use_and_shows_the_recipe(tmp_path: Path, capsys):

@@ -280,8 +280,9 @@ def apply(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
 
 
 def after_measurement(cfg: DictConfig, decision: RecipeDecision, choice) -> DictConfig:
-    """The rules that need the policy's measurement: the fine-tuning LR from the measured domain, and the
-    horizontal flip from the flip probe. ``cfg`` with their values set (``decision`` gets the reasons)."""
+    """The rules that need the policy's measurement: the fine-tuning LR from the measured domain, label
+    smoothing when layers below the head train, and the horizontal flip from the flip probe. ``cfg`` with their
+    values set (``decision`` gets the reasons)."""
     if decision.mode != "auto":
         return cfg
     rules = OmegaConf.to_container(cfg.recipe, resolve=True)
@@ -298,6 +299,12 @@ def after_measurement(cfg: DictConfig, decision: RecipeDecision, choice) -> Dict
         choose("optimizer.lr", lr, f"{plan.policy} fine-tunes layers below the head and the domain measures "
                                    f"{'far from' if far else 'near'} the pretraining one (probe gap {gap:.3f} "
                                    f"{'>' if far else '<='} {far_gap:g}): {effect}")
+    if not plan.head_only:
+        smoothing = float(rules["label_smoothing"])
+        choose("regularization.label_smoothing", smoothing,
+               f"{plan.policy} fine-tunes layers below the head: targets of {1 - smoothing:g} instead of 1 keep a "
+               f"small training set from being fitted with ever larger logits (timm's default; +0.002 to +0.022 on "
+               f"five of seven benchmark sets, -0.003 to 0 on the others, BENCHMARKS.md)")
     if plan.head_only:
         choose("augment", "none", f"{plan.policy} trains only the head, on features the frozen network computes once "
                                   f"(cached features): augmented views would need a pass each")

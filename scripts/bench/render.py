@@ -287,10 +287,12 @@ def markdown(results: dict, previous: str | None = None) -> str:
                        f"per seed {per_seed}.")
     carried = acc.get("carried")
     if carried:
-        n_new = sum(r["set"] not in carried["sets"] for r in acc["runs"])
-        out += ["", (f"Rows {', '.join(carried['sets'])} were carried from the run of {carried['from']} "
-                     f"(`suite.py --keep-rows`): the change measured here cannot move them. The {n_new} runs of "
-                     f"the other rows took {acc['total_s'] / 60:.1f} min."), ""]
+        n_new = sum("from" not in r for r in acc["runs"])
+        for origin, by_set in carried.items():
+            cells = "; ".join(f"{s}: {', '.join(ps)}" for s, ps in by_set.items())
+            out += ["", (f"Carried from the run of {origin} (`suite.py --keep-rows`; the changes measured here "
+                         f"cannot move them): {cells}.")]
+        out += ["", f"The {n_new} runs of the other cells took {acc['total_s'] / 60:.1f} min.", ""]
     else:
         out += ["", f"All {len(acc['runs'])} runs took {acc['total_s'] / 60:.1f} min.", ""]
 

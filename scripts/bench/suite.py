@@ -11,9 +11,9 @@ scratch), a small budget (recipe.budget=500), one round of everything (~5 min): 
 code, whose numbers are too few to judge the accuracy goals (the summary says so).
 --accuracy-only: only the accuracy part; BENCHMARKS.md keeps the overhead, cache and loader sections of
 its previous generated part (said so there).
---sets A B --keep-rows OLD.json (with --accuracy-only): rerun only these rows of the accuracy table and carry
-the others over from a previous results file of the same seeds, columns and budget (the table says which rows
-and from which run): for a change that can only move some rows.
+--sets A B [--policies ...] --keep-rows OLD.json (with --accuracy-only): rerun only these cells of the accuracy
+table and carry every other (row, column) over from a previous results file of the same seeds and budget (the
+table says which and from which run): for a change that can only move some cells.
 """
 
 from __future__ import annotations
@@ -76,21 +76,29 @@ def environment() -> dict:
 
 
 def carry_rows(acc: dict, old: dict, order: list[str]) -> None:
-    """Add to ``acc`` the rows of ``old`` (a results file) that ``acc`` did not run, if both ran the same seeds,
-    columns and budget; ``acc["carried"]`` names them and their run for the table."""
+    """Add to ``acc`` the runs of ``old`` (a results file) whose (set, column) ``acc`` did not run, if both used
+    the same seeds and budget; ``acc["carried"]`` names them and their run for the table."""
     prev = old["accuracy"]
-    for key in ("seeds", "policies", "budget"):
+    for key in ("seeds", "budget"):
         if prev.get(key) != acc.get(key):
             raise SystemExit(f"--keep-rows: {key} differ ({prev.get(key)} there, {acc.get(key)} here); "
                              f"rerun every row instead")
-    kept = [s for s in prev["sets"] if s not in acc["sets"]]
-    acc["runs"] += [r for r in prev["runs"] if r["set"] in kept]
-    for key in ("plans", "train_images"):
-        acc[key] = {**{s: prev[key][s] for s in kept}, **acc[key]}
-    acc["sets"] = sorted(acc["sets"] + kept, key=lambda s: order.index(s) if s in order else len(order))
     env = old["environment"]
-    acc["carried"] = {"sets": kept, "from": f"{env['date']} (commit {env['commit']})",
-                      "total_s": prev["total_s"]}
+    origin = f"{env['date']} (commit {env['commit']})"
+    ran = {(s, p) for s in acc["sets"] for p in acc["policies"]}
+    kept = [{**r, "from": r.get("from", origin)} for r in prev["runs"] if (r["set"], r["policy"]) not in ran]
+    acc["runs"] += kept
+    carried: dict[str, dict[str, list[str]]] = {}  # run -> set -> columns
+    for r in kept:
+        columns = carried.setdefault(r["from"], {}).setdefault(r["set"], [])
+        if r["policy"] not in columns:
+            columns.append(r["policy"])
+    sets = {s for by_set in carried.values() for s in by_set}
+    for key in ("plans", "train_images"):
+        acc[key] = {**{s: prev[key][s] for s in sets if s not in acc[key]}, **acc[key]}
+    acc["sets"] = sorted(set(acc["sets"]) | sets, key=lambda s: order.index(s) if s in order else len(order))
+    acc["policies"] = list(dict.fromkeys(prev["policies"] + acc["policies"]))
+    acc["carried"] = carried
 
 
 def main() -> None:
@@ -107,7 +115,7 @@ def main() -> None:
                         help="accuracy columns (default: the mode's)")
     parser.add_argument("--sets", nargs="+", help="accuracy rows to run (default: the mode's)")
     parser.add_argument("--keep-rows", type=Path,
-                        help="results file whose rows not in --sets are carried over (needs --accuracy-only)")
+                        help="results file: cells (row, column) not rerun are carried over (needs --accuracy-only)")
     args = parser.parse_args()
     if args.keep_rows and not args.accuracy_only:
         parser.error("--keep-rows needs --accuracy-only (the other parts would be from a different run)")
