@@ -79,6 +79,16 @@ def test_no_holdout_only_on_small_data(tmp_path: Path):
     assert holdout_rule(scan_dataset(image_folders(tmp_path / "more", limit + 1), 0.0), RULES)[0] is None
 
 
+def test_a_schedule_that_follows_validation_keeps_the_holdout(tmp_path: Path):
+    """No holdout only under a schedule that anneals to a fixed end: a plateau or step rule set by the user
+    (here a library call: step differs from the default) watches validation, so the holdout stays."""
+    root = image_folders(tmp_path / "imgs", 10)
+    _, decision = _auto(root, "scheduler=step")
+    assert "data.val_fraction" not in {c.key for c in decision.choices}
+    _, decision = _auto(root, "scheduler=cosine")
+    assert {c.key: c.value for c in decision.choices}["data.val_fraction"] == 0.0
+
+
 def test_median_shorter_side_reads_headers(tmp_path: Path):
     paths = []
     for i, (w, h) in enumerate([(30, 20), (50, 40), (80, 60)]):
