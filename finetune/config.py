@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # Keys of a scheduler config that Lightning or finetune read (the rest goes to the scheduler class).
 LIGHTNING_SCHEDULER_KEYS = ("monitor", "interval", "frequency")
 WARMUP_KEYS = ("warmup_epochs", "warmup_start_factor")
+# Read by finetune for scheduler=plateau (recipe/schedulers.py): validation checks per epoch, final anneal.
+PLATEAU_KEYS = ("checks_per_epoch", "final_anneal")
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -124,7 +126,7 @@ def _validate_recipe(cfg: DictConfig) -> None:
     build_batch_mixer(augment, 2)
     check_tta(cfg.get("tta"))
     _check_optimizer(cfg.optimizer)
-    _check_call_arguments("scheduler", cfg.scheduler, skip=(*LIGHTNING_SCHEDULER_KEYS, *WARMUP_KEYS))
+    _check_call_arguments("scheduler", cfg.scheduler, skip=(*LIGHTNING_SCHEDULER_KEYS, *WARMUP_KEYS, *PLATEAU_KEYS))
     _check_schedule(cfg)
 
 
@@ -193,10 +195,12 @@ def _build_dummy_scheduler(cfg: DictConfig) -> None:
              "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True)}))
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         warmup = {k: options.pop(k) for k in WARMUP_KEYS if k in options}
+        anneal = float(options.pop("final_anneal", 0.0) or 0.0)
+        options.pop("checks_per_epoch", None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             build_lr_schedulers(optimizer, factory, options, int(warmup["warmup_epochs"]),
-                                float(warmup["warmup_start_factor"]), 1, int(total))
+                                float(warmup["warmup_start_factor"]), 1, int(total), final_anneal=anneal)
     except FinetuneError:
         raise
     except (ValueError, TypeError, ZeroDivisionError, OverflowError, RuntimeError) as e:
@@ -304,7 +308,7 @@ def build_optimizer_and_scheduler(cfg: DictConfig) -> tuple[Any, Any, dict[str, 
     except InstantiationException as e:
         raise FinetuneError(f"optimizer could not be built: {str(e.__cause__ or e).splitlines()[0]}") from None
     sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
-    options = {k: sched_cfg.pop(k) for k in (*LIGHTNING_SCHEDULER_KEYS, *WARMUP_KEYS) if k in sched_cfg}
+    options = {k: sched_cfg.pop(k) for k in (*LIGHTNING_SCHEDULER_KEYS, *WARMUP_KEYS, *PLATEAU_KEYS) if k in sched_cfg}
     if not sched_cfg.get("_target_"):
         return optimizer, None, {k: v for k, v in options.items() if k in WARMUP_KEYS}
     try:

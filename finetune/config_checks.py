@@ -202,6 +202,14 @@ def _check_combinations(cfg: DictConfig) -> None:
     warmup = cfg.scheduler.warmup_epochs
     if not (isinstance(warmup, int) and warmup >= 0):
         raise FinetuneError(f"scheduler.warmup_epochs={warmup} must be a whole number of epochs >= 0.")
+    checks = cfg.scheduler.get("checks_per_epoch")  # plateau.yaml's keys; other schedules have none
+    if checks is not None and not (isinstance(checks, int) and not isinstance(checks, bool) and checks >= 1):
+        raise FinetuneError(f"scheduler.checks_per_epoch={checks} must be a whole number >= 1 (validation checks "
+                            f"per epoch, each one a chance for the plateau rule to act).")
+    anneal = cfg.scheduler.get("final_anneal")
+    if anneal is not None and not (isinstance(anneal, (int, float)) and not isinstance(anneal, bool)
+                                   and 0 <= anneal < 1):
+        raise FinetuneError(f"scheduler.final_anneal={anneal} must be a fraction of the run in [0, 1) (0 = none).")
     _check_ensemble(cfg)
 
 

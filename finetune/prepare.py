@@ -78,6 +78,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularizati
 
     index, data_report = checked_index(index, cfg, preprocessing.image_size)
     index, no_validation = without_validation(index, cfg, trainer)  # no val split: said loudly, nothing follows it
+    plateau_checks(cfg, trainer, no_validation)
 
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
     choice, saved_record, run_id = policy_choice(cfg, policy_cfg, run_dir, resumed, backbone, index, preprocessing,
@@ -224,6 +225,27 @@ def checked_index(index, cfg: DictConfig, input_size: int | None = None):
 
 
 NO_VALIDATION = "none: scored on training images"
+
+
+def plateau_checks(cfg: DictConfig, trainer: L.Trainer, no_validation: str | None) -> None:
+    """scheduler.checks_per_epoch > 1: validate that many times per epoch, so a plateau rule can act within an
+    epoch on a short run (patience and cooldown then count checks; the module steps the rule after each one).
+    Only where validation is real and runs every epoch; otherwise said why not."""
+    checks = cfg.scheduler.get("checks_per_epoch")  # plateau.yaml's key; other schedules have none
+    if checks is None or checks <= 1:
+        return
+    why_not = ("there is no validation split" if no_validation
+               else f"trainer.val_check_interval={cfg.trainer.val_check_interval} is set"
+               if cfg.trainer.val_check_interval is not None
+               else f"trainer.check_val_every_n_epoch={cfg.trainer.check_val_every_n_epoch} (not every epoch)"
+               if cfg.trainer.check_val_every_n_epoch != 1 else None)
+    if why_not:
+        log.warning("scheduler.checks_per_epoch=%d is not applied: %s; the plateau rule looks once per epoch.",
+                    checks, why_not)
+        return
+    trainer.val_check_interval = 1.0 / checks
+    log.info("Validation %d times per epoch (scheduler.checks_per_epoch): the plateau rule looks after each check.",
+             checks)
 
 
 def without_validation(index, cfg: DictConfig, trainer: L.Trainer):

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from finetune.members import device_for, load_members, member_probabilities, score_probabilities
 from finetune.policy.choose import format_policy_block
 from finetune.recipe.callbacks import LRTrace, plateau_scheduler
+from finetune.recipe.schedulers import anneal_start_step
 from finetune.report import write_report
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,13 @@ def scoring_checkpoint(mode: str, trainer: L.Trainer, lr_trace: LRTrace, best: s
     picking an epoch on a small validation set then mostly adds that set's noise (BENCHMARKS.md: on
     the demo's 100 validation images the last epoch scored 0.007 above the best-by-validation pick
     on average over 28 runs, up to 0.04). ReduceLROnPlateau lowers the LR *because* validation
-    stopped improving, and a constant LR never settles: there the best epoch is the better guess."""
+    stopped improving, and a constant LR never settles: there the best epoch is the better guess (unless
+    ``scheduler.final_anneal`` ends the run converged)."""
     last = run_dir / "checkpoints" / "last.ckpt"
     last_path = str(last) if last.is_file() else None
     if mode == "auto":
-        if plateau_scheduler(trainer) is not None:
+        final_anneal = anneal_start_step(trainer.lr_scheduler_configs) is not None
+        if plateau_scheduler(trainer) is not None and not final_anneal:
             mode, why = "best", ("the best epoch by the monitored metric "
                                  "(ReduceLROnPlateau: its reductions follow validation)")
         elif lr_trace.annealed(ANNEALED_FRACTION):

@@ -177,6 +177,42 @@ def test_every_optimizer_and_scheduler_runs_a_short_fit_from_the_cli(class_folde
 # ----------------------------------------------------------------------------- plateau, end to end
 
 
+def test_plateau_looks_after_every_validation_check_when_asked(class_folders, fast_cfg, caplog, tmp_path):
+    """checks_per_epoch=2: validation twice per epoch and the rule steps after each check (patience in checks),
+    so a flat val/loss is answered within an epoch; the epoch-wise rule gets one reduction in the same run."""
+    flat = ["policy=linear_probe", "policy.head_solver=optimizer", "optimizer=sgd", "optimizer.lr=1e-6",
+            "scheduler=plateau", "scheduler.patience=1", "trainer.max_epochs=3", "~callbacks.early_stopping"]
+    per_epoch = train(fast_cfg(class_folders, *flat, run_dir=tmp_path / "per_epoch"))
+    per_check = train(fast_cfg(class_folders, *flat, "scheduler.checks_per_epoch=2", run_dir=tmp_path / "per_check"))
+    assert len(per_epoch["lr_reductions"]) == 1
+    steps_per_epoch = per_check["images"]["train"] // 8 + bool(per_check["images"]["train"] % 8)
+    reductions = per_check["lr_reductions"]
+    assert len(reductions) >= 2 and any(r["step"] % steps_per_epoch for r in reductions)  # mid-epoch
+    with open(Path(per_check["run_dir"]) / "logs" / "metrics.csv") as f:
+        assert sum(1 for row in csv.DictReader(f) if row.get("val/loss")) >= 2 * 3  # two checks per epoch
+    # Without a validation split there is nothing to check several times: said, and the rule looks per epoch
+    caplog.clear()
+    train(fast_cfg(class_folders, *flat, "scheduler.checks_per_epoch=2", "data.val_fraction=0",
+                   "trainer.max_epochs=1", run_dir=tmp_path / "no_val"))
+    assert "checks_per_epoch=2 is not applied: there is no validation split" in caplog.text
+
+
+def test_final_anneal_ends_the_run_near_zero_from_where_the_plateau_left_it(class_folders, fast_cfg):
+    metrics = train(fast_cfg(class_folders, "policy=full", "optimizer=sgd", "optimizer.lr=0.01", "scheduler=plateau",
+                             "scheduler.patience=100", "scheduler.final_anneal=0.5", "trainer.max_epochs=4",
+                             "~callbacks.early_stopping"))
+    assert metrics["lr_reductions"] == []  # the anneal is the schedule's end, not a plateau reduction
+    assert "annealed" in metrics["checkpoint_choice"], metrics["checkpoint_choice"]
+    assert Path(metrics["scored_checkpoint"]).name == "last.ckpt"
+    state = read_checkpoint(Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt")
+    head_lr = next(g["lr"] for g in state["optimizer_states"][0]["param_groups"] if g.get("name") == "head")
+    assert head_lr < 0.01 * 0.01  # 0.1% of the LR the plateau rule left (plus one step's rounding)
+    for bad, key in (("scheduler.checks_per_epoch=0", "scheduler.checks_per_epoch=0"),
+                     ("scheduler.final_anneal=1.5", "scheduler.final_anneal=1.5")):
+        with pytest.raises(FinetuneError, match=key):
+            validate_train_config(fast_cfg(class_folders, "scheduler=plateau", bad))
+
+
 def test_plateau_lowers_the_lr_after_patience_epochs_without_improvement_and_not_before(class_folders, fast_cfg):
     # A tiny LR: val/loss stays flat, so every epoch after the first is "no improvement".
     cfg = fast_cfg(class_folders, "policy=linear_probe", "policy.head_solver=optimizer", "optimizer=sgd",

@@ -87,6 +87,14 @@ def test_a_schedule_that_follows_validation_keeps_the_holdout(tmp_path: Path):
     assert "data.val_fraction" not in {c.key for c in decision.choices}
     _, decision = _auto(root, "scheduler=cosine")
     assert {c.key: c.value for c in decision.choices}["data.val_fraction"] == 0.0
+    # A plateau rule with a final anneal keeps its holdout, and like any schedule that ends annealed, loses
+    # early stopping (it would cut the anneal); a plain step schedule keeps early stopping.
+    cfg, decision = _auto(root, "scheduler.final_anneal=0.3")
+    chosen = {c.key: c.value for c in decision.choices}
+    assert "data.val_fraction" not in chosen and chosen["callbacks.early_stopping"] is None
+    assert "early_stopping" not in cfg.callbacks and cfg.scheduler.final_anneal == 0.3
+    cfg, _ = _auto(root, "scheduler=step")
+    assert "early_stopping" in cfg.callbacks
 
 
 def test_median_shorter_side_reads_headers(tmp_path: Path):

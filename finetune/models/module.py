@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from timm.optim import param_groups_weight_decay
 from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.data.transforms import Preprocessing
@@ -207,8 +208,10 @@ class ImageClassifier(L.LightningModule):
             options["monitor"] = f"{self.eval_stage}/{monitor.split('/', 1)[1]}"
         warmup_epochs = int(options.pop("warmup_epochs", 0) or 0)
         warmup_start_factor = float(options.pop("warmup_start_factor", 0.1))
+        options.pop("checks_per_epoch", None)  # applied to the trainer (prepare.plateau_checks), read back below
+        anneal = float(options.pop("final_anneal", 0.0) or 0.0)
         scheduler = self.recipe.scheduler
-        if scheduler is None and warmup_epochs == 0:
+        if scheduler is None and warmup_epochs == 0 and anneal == 0:
             return optimizer
         total_steps = self.trainer.estimated_stepping_batches  # also loads the train dataloader...
         if math.isinf(self.trainer.num_training_batches):  # ...but not with max_epochs=-1 (Lightning returns early)
@@ -216,8 +219,14 @@ class ImageClassifier(L.LightningModule):
         # No length (max_epochs=-1): only schedules that need none get here (config.py refuses the others).
         total_steps = int(total_steps) if math.isfinite(total_steps) else 0
         steps_per_epoch = max(1, -(-int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches))
+        checks_every = self.trainer.val_check_batch
+        if getattr(scheduler, "func", None) is ReduceLROnPlateau and isinstance(checks_every, int) and (
+                checks_every < self.trainer.num_training_batches):
+            # Validation runs every `checks_every` batches: the plateau rule looks right after each check
+            # (Lightning steps a step-interval plateau scheduler after validation), so patience counts checks.
+            options.update(interval="step", frequency=checks_every)
         schedulers = build_lr_schedulers(optimizer, scheduler, options, warmup_epochs,
-                                         warmup_start_factor, steps_per_epoch, total_steps)
+                                         warmup_start_factor, steps_per_epoch, total_steps, final_anneal=anneal)
         return [optimizer], schedulers
 
     def lr_scale_factor(self) -> float:

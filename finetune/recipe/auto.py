@@ -246,8 +246,9 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
     choose("scheduler", schedule, f"the run's length is known ({epochs} epochs), so the LR follows a {schedule} "
                                   f"schedule to a small final value instead of waiting for plateaus that "
                                   f"a short run rarely reaches")
-    target = preset("scheduler", values["scheduler"])["_target_"] if "scheduler" in values else cfg.scheduler._target_
-    if target in ANNEALING_TARGETS and cfg.callbacks.get("early_stopping"):
+    chosen = preset("scheduler", values["scheduler"]) if "scheduler" in values else cfg.scheduler
+    ends_annealed = chosen["_target_"] in ANNEALING_TARGETS or float(chosen.get("final_anneal") or 0) > 0
+    if ends_annealed and cfg.callbacks.get("early_stopping"):
         choose("callbacks.early_stopping", None, "the annealing schedule ends the run; stopping it early would end "
                                                  "at a high LR, before the weights the schedule converges to")
     choose("augment", str(rules["augment"]), "short fine-tunes of small data converged better without "

@@ -76,39 +76,45 @@ class UnfreezeSchedule(BaseFinetuning):
 
 
 class PlateauReductionLog(Callback):
-    """Each ReduceLROnPlateau reduction: after which epoch, and every group's LR before and after."""
+    """Each ReduceLROnPlateau reduction: when, and every group's LR before and after.
+
+    Lightning steps a plateau rule right after validation, after every other schedule of that batch or epoch
+    (warmup, the final anneal) has stepped: so the LRs seen when validation ends, compared with those at the next
+    batch (or the end of training), differ only by what the plateau rule did."""
 
     def __init__(self) -> None:
         self.reductions: list[dict[str, Any]] = []
         self._last: dict[str, float] | None = None
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training or trainer.state.fn == "fit":
+            self._last = _group_lrs(trainer)
+
     def _check(self, trainer: L.Trainer) -> None:
-        plateau = plateau_scheduler(trainer)
+        plateau, last, self._last = plateau_scheduler(trainer), self._last, None
+        if plateau is None or last is None:
+            return
         now = _group_lrs(trainer)
-        if plateau is not None and self._last is not None:
-            lowered = {k: (self._last[k], v) for k, v in now.items()
-                       if k in self._last and v < self._last[k] * (1 - 1e-9)}
-            if lowered:
-                config = next(c for c in trainer.lr_scheduler_configs if c.scheduler is plateau)
-                record = {
-                    "after_epoch": int(trainer.current_epoch),  # epochs completed when it fired
-                    "monitor": config.monitor,
-                    "lr": {k: new for k, (_, new) in lowered.items()},
-                    "previous_lr": {k: old for k, (old, _) in lowered.items()},
-                }
-                self.reductions.append(record)
-                rank_zero_info(
-                    f"Epoch {trainer.current_epoch}: ReduceLROnPlateau lowered the learning rate "
-                    f"({config.monitor} did not "
-                    f"improve for {plateau.patience + 1} epochs): {_describe(lowered)}"
-                )
-        self._last = now
+        lowered = {k: (last[k], v) for k, v in now.items() if k in last and v < last[k] * (1 - 1e-9)}
+        if not lowered:
+            return
+        config = next(c for c in trainer.lr_scheduler_configs if c.scheduler is plateau)
+        unit = "validation checks" if config.interval == "step" else "epochs"
+        self.reductions.append({
+            "after_epoch": int(trainer.current_epoch),  # the epoch it fired in (epoch-wise: epochs completed)
+            "step": int(trainer.global_step),
+            "monitor": config.monitor,
+            "lr": {k: new for k, (_, new) in lowered.items()},
+            "previous_lr": {k: old for k, (old, _) in lowered.items()},
+        })
+        rank_zero_info(f"Epoch {trainer.current_epoch}, step {trainer.global_step}: ReduceLROnPlateau lowered the "
+                       f"learning rate ({config.monitor} did not improve for {plateau.patience + 1} {unit}): "
+                       f"{_describe(lowered)}")
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last = _group_lrs(trainer)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._check(trainer)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._last is not None:
+            self._check(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check(trainer)
