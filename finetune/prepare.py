@@ -54,6 +54,7 @@ class Prepared:
     frozen: int
     cfg: DictConfig  # the run's config with every recipe=auto choice in it (what config.yaml records)
     recipe: RecipeDecision | None  # recipe=auto's choices and reasons (recipe.json); None when resumed
+    regularization: Regularization  # as trained (with recipe=auto's label smoothing)
 
 
 def recipe_before_measurement(cfg: DictConfig) -> tuple[DictConfig, RecipeDecision]:
@@ -86,6 +87,8 @@ def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularizati
     if recipe is not None:
         cfg = after_measurement(cfg, recipe, choice)
         log.info("\n%s", format_recipe_block(recipe.to_dict()))
+        # Its label smoothing acts in the module, built below (the network's own dropout keys it does not set)
+        regularization = Regularization.from_config(OmegaConf.to_container(cfg.regularization, resolve=True))
     plan = choice.plan
     spec = BackboneSpec(cfg.model.backbone, len(index.classes), kwargs, plan.cut_after_stage, regularization.pooling)
     net = attach_head(backbone, spec)
@@ -111,7 +114,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularizati
         record = saved_record  # with the measurements that led to it
     log.info("\n%s", format_policy_block(record))
     return Prepared(index, data_report, no_validation, preprocessing, weight_source, plan, augment, module, data,
-                    record, saved_record, trainable, frozen, cfg, recipe)
+                    record, saved_record, trainable, frozen, cfg, recipe, regularization)
 
 
 def policy_choice(cfg: DictConfig, policy_cfg: dict[str, Any], run_dir: Path, resumed: ResumePoint | None,

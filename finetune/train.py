@@ -114,7 +114,7 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
     # Read now: validate/test below restore callback state from the best checkpoint, an earlier epoch.
     lr_reductions = list(watch.reductions.reductions)
     snapshot_paths = list(watch.snapshots.paths) if watch.snapshots is not None else []
-    metrics, scored = _score(cfg, run_dir, watch, run, fit_seconds, regularization, lr_reductions)
+    metrics, scored = _score(cfg, run_dir, watch, run, fit_seconds, run.regularization, lr_reductions)
     if watch.trainer.is_global_zero:
         _finish(cfg, run_dir, run, metrics, scored, snapshot_paths, fit_seconds)
     return metrics

@@ -196,6 +196,9 @@ def test_auto_run_writes_every_choice_with_its_reason(tmp_path: Path):
     assert config["scheduler"]["_target_"].endswith("OneCycleLR") and "early_stopping" not in config["callbacks"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and "train_eval/acc" in metrics  # no holdout: scored on training images
+    # The second step's choices are what trained, not only what was written down
+    smoothing = chosen["regularization.label_smoothing"]["value"] if not head_only else 0.0
+    assert metrics["regularization"]["label_smoothing"] == config["regularization"]["label_smoothing"] == smoothing
     report = (run / "report.md").read_text()
     assert "Chosen from the data by recipe=auto" in report and chosen["scheduler"]["reason"] in report
     assert "Recipe (auto)" in result.stdout + result.stderr  # the log block

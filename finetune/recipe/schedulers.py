@@ -84,7 +84,7 @@ def final_anneal_schedule(optimizer: torch.optim.Optimizer, fraction: float, tot
     had when the anneal began (stepped per batch, composing with the schedule beside it)."""
     start = round(total_steps * (1 - float(fraction)))
     scheduler = MultiplicativeLR(optimizer, lr_lambda=_FinalAnnealFactor(start, total_steps))
-    scheduler.anneal_start = start  # read by the plateau log: LR changes from here on are the anneal's
+    scheduler.anneal_start = start  # read by scoring: a plateau run that ends annealed scores its last epoch
     return scheduler
 
 
