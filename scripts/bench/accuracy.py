@@ -67,9 +67,11 @@ def zero_config_overrides(root: str, seed: int, run_dir: str, budget: int | None
 
 
 def hand_overrides(root: str, seed: int, run_dir: str, policy: str, size: int, epochs: int,
-                   extra: tuple[str, ...] = ()) -> list[str]:
+                   extra: tuple[str, ...] = (), val_fraction: float | None = None) -> list[str]:
     overrides = [f"data.root={root}", f"seed={seed}", f"run_dir={run_dir}", *COMMON, *RECIPE,
                  f"data.image_size={size}", f"trainer.max_epochs={epochs}", *POLICIES[policy], *extra]
+    if val_fraction is not None:  # the holdout zero-config chooses: every column trains on the same images
+        overrides.append(f"data.val_fraction={val_fraction}")
     if policy == "lp_ft":
         overrides.append(f"policy.probe_epochs={max(1, round(0.3 * epochs))}")
     return overrides
@@ -135,11 +137,11 @@ def timed_train(overrides: list[str]) -> dict:
 
 
 def run_one(root: str, row: str, policy: str, seed: int, size: int, epochs: int, budget: int | None,
-            extra: tuple[str, ...] = ()) -> dict:
+            val_fraction: float | None = None, extra: tuple[str, ...] = ()) -> dict:
     if policy == ZERO:
         overrides = zero_config_overrides(root, seed, "@TMP", budget)
     else:
-        overrides = hand_overrides(root, seed, "@TMP", policy, size, epochs, extra)
+        overrides = hand_overrides(root, seed, "@TMP", policy, size, epochs, extra, val_fraction)
     out = timed_train(overrides)
     metrics, record, config = out["metrics"], out["policy"], out["config"]
     result = {"set": row, "policy": policy, "seed": seed, "test_acc": metrics.get("test/acc"),
@@ -177,13 +179,13 @@ def run_all(sets: list[str], seeds: list[int], policies: list[str], workers: int
     for row, folder in folders.items():
         n_train = sizes[row] = datasets.train_images(folder)
         plan = plans[row] = plan_row(str(folder), seeds[0], budget)
-        size, epochs = plan["image_size"], plan["epochs"]
-        log(f"{row}: {n_train} training images; zero-config chooses {size} px, {epochs} epochs "
-            f"(every column of the row uses them)")
+        size, epochs, val_fraction = plan["image_size"], plan["epochs"], plan["val_fraction"]
+        log(f"{row}: {n_train} training images; zero-config chooses {size} px, {epochs} epochs, val_fraction "
+            f"{val_fraction} (every column of the row uses them)")
         for policy in policies:
             for seed in seeds:
                 cost = n_train * epochs * (size / 64) ** 2 * COST.get(policy, 1.0)
-                jobs.append((str(folder), row, policy, seed, size, epochs, budget, cost))
+                jobs.append((str(folder), row, policy, seed, size, epochs, budget, val_fraction, cost))
     jobs.sort(key=lambda j: -j[-1])  # longest first: the pool ends with short runs, not one long one
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     results, started = [], time.perf_counter()

@@ -232,15 +232,16 @@ def markdown(results: dict, previous: str | None = None) -> str:
              "(issue #13): its only overrides are the seed, the run folder, `report=false`, no progress bar, "
              f"`recipe=auto` (explicit, so the column does not depend on the config default) and {budget_text}; "
              "`recipe=auto` chooses the input size and crop, the epochs, a one-cycle schedule without early "
-             "stopping, the LR by the measured domain, augmentation by a flip probe, and no holdout on tiny data "
+             "stopping, the LR by the measured domain, label smoothing, augmentation by a flip probe, and no holdout "
+             "on small data "
              "(RUN/recipe.json; what it chose is listed below the tables). Every other column is one policy with "
              "the **hand recipe** (the policy issue's demo, `recipe=off`): AdamW lr 1e-3 with one-cycle, no "
              "augmentation, the whole frame (`data.crop_pct=1.0`), early stopping removed, batch 32, "
              "`model.channels_last=true`, BatchNorm statistics kept (`regularization.trainable_bn=eval`), at the "
-             "**input size and for the epochs zero-config chooses for that row** (computed once per row from the "
-             "data, before training), so a row's columns see the same input for as many epochs and differ only by "
-             "policy and recipe; lp_ft probes for 30% of the epochs. The last epoch is scored "
-             "(`score_checkpoint=auto`: one-cycle anneals the LR to ~0)."
+             "**input size, for the epochs and with the holdout zero-config chooses for that row** (computed once "
+             "per row from the data, before training), so a row's columns train on the same images at the same "
+             "input for as many epochs and differ only by policy and recipe; lp_ft probes for 30% of the epochs. "
+             "The last epoch is scored (`score_checkpoint=auto`: one-cycle anneals the LR to ~0)."
              + (" `scratch` is `policy=full model.weights=none`." if "scratch" in acc["policies"] else "")),
             "", _datasets_prose(acc["sets"]) + " Best fixed policy of each row in bold.", ""]
     policies = [p for p in ORDER if p in acc["policies"]]
