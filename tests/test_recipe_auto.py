@@ -240,9 +240,10 @@ def test_second_step_lr_and_flip_from_the_measurement_in_a_library_call(tmp_path
     chosen = {c.key: c.value for c in decision.choices}
     assert chosen["augment"] == "none" and "changes what the image shows" in decision.choices[-1].reason
     assert out.optimizer.lr == RULES["lr"]["near"]
-    # Too short a run for extra views; a head-only plan trains on cached features
+    # Too short a run for extra views: its flip probe is not even run; a head-only plan trains on cached features
     cfg, decision = _auto(root, "trainer.max_epochs=5")
-    after_measurement(cfg, decision, _choice("stage_probe", gap=0.08, best=0.8, flipped=0.79))
+    assert not decision.wants_flip_probe and _auto(root, "trainer.max_epochs=20")[1].wants_flip_probe
+    after_measurement(cfg, decision, _choice("stage_probe", gap=0.08, best=0.8, flipped=None))
     assert "too few" in next(c.reason for c in decision.choices if c.key == "augment")
     cfg, decision = _auto(root)
     after_measurement(cfg, decision, _choice("linear_probe", gap=0.0, best=0.8, flipped=0.79))

@@ -219,7 +219,6 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
     has_val = "val" in index.splits  # scanned without carving one out: a val split on disk (folder, CSV rows)
     decision.facts = {"device": device, "median_shorter_side": side, "backbone_input": backbone_size,
                       "training_images": len(train), "val_split_on_disk": has_val}
-    decision.wants_flip_probe = not given("augment")
     values: dict[str, Any] = {}
     choose = decision.chooser(cfg, values)
 
@@ -242,6 +241,9 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
                                      f"centre crop (the pretrained 87.5% crop cut content on every small set)")
     epochs, why = epochs_rule(n_train, device, rules, size)
     choose("trainer.max_epochs", epochs, why)
+    epochs = int(values.get("trainer.max_epochs", cfg.trainer.max_epochs))
+    # The flip rule only adds a flip to runs of augment_min_epochs or more: a shorter run skips its probe
+    decision.wants_flip_probe = not given("augment") and epochs >= int(rules["augment_min_epochs"])
     schedule = str(rules["scheduler"])
     choose("scheduler", schedule, f"the run's length is known ({epochs} epochs), so the LR follows a {schedule} "
                                   f"schedule to a small final value instead of waiting for plateaus that "
@@ -310,6 +312,10 @@ def after_measurement(cfg: DictConfig, decision: RecipeDecision, choice) -> Dict
     if plan.head_only:
         choose("augment", "none", f"{plan.policy} trains only the head, on features the frozen network computes once "
                                   f"(cached features): augmented views would need a pass each")
+    elif m is not None and m.flip_probe_acc is None and int(cfg.trainer.max_epochs) < int(rules["augment_min_epochs"]):
+        choose("augment", "none", f"no augmentation: {int(cfg.trainer.max_epochs)} epochs (< "
+                                  f"{int(rules['augment_min_epochs'])}) are too few to gain from extra views; short "
+                                  f"fine-tunes of small data converged better without (the flip probe was not run)")
     elif m is not None and m.flip_probe_acc is not None:
         epochs = int(cfg.trainer.max_epochs)
         drop = float(m.best_acc) - float(m.flip_probe_acc)
