@@ -223,8 +223,8 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
     choose = decision.chooser(cfg, values)
 
     has_holdout = not has_val and float(cfg.data.val_fraction) > 0
-    schedule = cfg.scheduler if given("scheduler") else preset("scheduler", str(rules["scheduler"]))
-    if has_holdout and schedule["_target_"] in ANNEALING_TARGETS:  # a plateau rule (yours) needs the holdout
+    planned = cfg.scheduler if given("scheduler") else preset("scheduler", str(rules["scheduler"]))
+    if has_holdout and planned["_target_"] in ANNEALING_TARGETS:  # a plateau rule (yours) needs the holdout
         fraction, why = holdout_rule(index, rules)
         if fraction is not None:
             choose("data.val_fraction", fraction, why)
