@@ -240,8 +240,14 @@ def test_ctrl_c_during_training_says_how_to_resume(tmp_path):
     run = tmp_path / "run"
     args = [f"data.root={root}", f"run_dir={run}", *FAST, "trainer.max_epochs=50", "policy=full", "data.batch_size=4",
             "~callbacks.early_stopping"]
-    proc = subprocess.Popen([str(BIN / "finetune"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # A suite started in the background (nohup, `&`) ignores SIGINT, and an ignored signal is inherited across
+    # exec (a handled one is reset to the default): handled here while the child starts, so it sees the Ctrl-C.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([str(BIN / "finetune"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 240
     while not (run / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
