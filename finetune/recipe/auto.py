@@ -249,8 +249,8 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
                                   f"schedule to a small final value instead of waiting for plateaus that a short "
                                   f"run rarely reaches (Fashion-MNIST 50/class: plateau 0.843, plateau checked 4x "
                                   f"per epoch with a final anneal 0.838, cosine 0.856, one-cycle 0.863)")
-    chosen = preset("scheduler", values["scheduler"]) if "scheduler" in values else cfg.scheduler
-    ends_annealed = chosen["_target_"] in ANNEALING_TARGETS or float(chosen.get("final_anneal") or 0) > 0
+    # `planned` is the schedule the run gets: the user's, else the one just chosen
+    ends_annealed = planned["_target_"] in ANNEALING_TARGETS or float(planned.get("final_anneal") or 0) > 0
     if ends_annealed and cfg.callbacks.get("early_stopping"):
         choose("callbacks.early_stopping", None, "the annealing schedule ends the run; stopping it early would end "
                                                  "at a high LR, before the weights the schedule converges to")
