@@ -21,7 +21,8 @@ from finetune.train import train
 
 THRESHOLDS = {"small_max_per_class": 100, "similar_max_gap": 0.01}
 ACTIONS = {"small_similar": "linear_probe", "small_different": "stage_probe", "large_similar": "partial",
-           "large_different": "full", "small_different_last_stage": "partial"}
+           "large_different": "full", "small_different_last_stage": "partial",
+           "large_different_earlier_stage": "stage_probe"}
 PP = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 
 
@@ -42,7 +43,7 @@ def measurements(per_class: float, stage_acc: list[float], pre: float) -> Measur
         (40, [0.5, 0.6, 0.7, 0.8, 0.85], 0.90, "small_similar", "linear_probe"),
         (40, [0.5, 0.7, 0.74, 0.82, 0.78], 0.77, "small_different", "stage_probe"),
         (500, [0.5, 0.6, 0.7, 0.8, 0.89], 0.895, "large_similar", "partial"),
-        (500, [0.5, 0.7, 0.74, 0.82, 0.78], 0.77, "large_different", "full"),
+        (500, [0.5, 0.7, 0.74, 0.78, 0.82], 0.77, "large_different", "full"),
         # On the thresholds: exactly small_max_per_class is "a lot"; a gap equal to the margin is "similar".
         (100, [0.5, 0.6, 0.7, 0.8, 0.89], 0.88, "large_similar", "partial"),
     ],
@@ -67,6 +68,23 @@ def test_little_different_data_best_on_the_last_stage_gets_the_refined_action():
     assert plain.policy == "stage_probe" and not any("last stage" in r for r in plain.reasons)
     large = measurements(500, [0.33, 0.52, 0.54, 0.65, 0.76], 0.73)
     assert decide(large, THRESHOLDS, ACTIONS).policy == "full"
+
+
+def test_a_lot_of_different_data_best_on_an_earlier_stage_trains_the_cut_network():
+    """"A lot, different" fine-tunes everything; when a stage below the last probes best, the stages above it
+    are cut (stage_probe) and the rest fine-tunes, with the reason; on the last stage it stays ``full``; the
+    refinement is a config key and does not touch the little-data cells."""
+    earlier_best = measurements(200, [0.45, 0.62, 0.71, 0.80, 0.76], 0.73)  # Fashion-MNIST's shape: stage 3
+    d = decide(earlier_best, THRESHOLDS, ACTIONS)
+    assert (d.quadrant, d.policy) == ("large_different", "stage_probe")
+    assert any("stage 3, below the last stage (4)" in r and "large_different_earlier_stage=stage_probe" in r
+               for r in d.reasons)
+    last_best = measurements(200, [0.45, 0.62, 0.71, 0.76, 0.80], 0.73)
+    assert decide(last_best, THRESHOLDS, ACTIONS).policy == "full"
+    plain = decide(earlier_best, THRESHOLDS, {**ACTIONS, "large_different_earlier_stage": "full"})
+    assert plain.policy == "full" and not any("below the last stage" in r for r in plain.reasons)
+    similar = measurements(200, [0.45, 0.62, 0.71, 0.80, 0.76], 0.80)
+    assert decide(similar, THRESHOLDS, ACTIONS).policy == "partial"
 
 
 def test_thresholds_come_from_config():

@@ -1,7 +1,7 @@
 """The benchmark datasets, written once as image folders (``train/``, ``val/``, ``test/``).
 
-- ``fmnist-10``, ``fmnist-50``, ``fmnist-200``: real Fashion-MNIST (``scripts/make_demo_data.py``),
-  10 / 50 / 200 training images per class; the same 10 validation and 200 test images per class in
+- ``fmnist-10``, ``fmnist-50``, ``fmnist-200``, ``fmnist-1000``: real Fashion-MNIST
+  (``scripts/make_demo_data.py``), 10 / 50 / 200 / 1000 training images per class; the same 10 validation and 200 test images per class in
   all three (the test draw does not depend on the training size: make_demo_data draws it from the
   official test file with a fixed seed).
 - ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, ~180 per class), a very different,
@@ -29,7 +29,7 @@ except ImportError:  # imported as scripts.bench.datasets
     from .real_sets import write as write_real
 
 REPO = Path(__file__).resolve().parents[2]
-FMNIST_SIZES = {"fmnist-10": 10, "fmnist-50": 50, "fmnist-200": 200}
+FMNIST_SIZES = {"fmnist-10": 10, "fmnist-50": 50, "fmnist-200": 200, "fmnist-1000": 1000}
 
 
 def _write_fmnist(out: Path, per_class: int) -> None:

