@@ -1,4 +1,5 @@
-"""``finetune-export``: a trained checkpoint as ONNX or TorchScript that takes raw images.
+"""``finetune-export``: a trained checkpoint as ONNX or TorchScript that takes raw images, or (format=hf) as a
+Hugging Face Hub model folder that plain timm loads (``finetune/export_hf.py``).
 
 The exported model includes the preprocessing, so a deployment only feeds pixels: input
 ``[N, 3, H, W]`` RGB at the trained size, ``uint8`` in 0..255 (default) or ``float32`` in 0..1;
@@ -25,7 +26,7 @@ from finetune.models.checkpoint import LoadedCheckpoint, load_classifier
 from finetune.outputs import check_output, write_output
 
 log = logging.getLogger(__name__)
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "hf")
 INPUT_DTYPES = ("uint8", "float32")
 # File name endings that say which format a file holds: a mismatch is a mistyped command, not a choice.
 SUFFIX_FORMAT = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript",
@@ -108,6 +109,10 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
     if dtype not in INPUT_DTYPES:
         raise FinetuneError(f"input_dtype={dtype} is not one of {', '.join(INPUT_DTYPES)}.")
     ckpt = _one_checkpoint(ckpt)
+    if fmt == "hf":
+        from finetune.export_hf import export_hf
+
+        return export_hf(ckpt, output, overwrite)
     output = check_export_output(output, fmt, ckpt, overwrite)
     loaded = load_classifier(ckpt)
     pp = loaded.preprocessing
@@ -167,7 +172,7 @@ def run_onnx(model: str | Path | bytes, images) -> Any:
 
 
 def run_export(cfg) -> dict[str, Any]:
-    """CLI: ``finetune-export ckpt=... format=onnx|torchscript output=... [input_dtype=uint8|float32]``;
+    """CLI: ``finetune-export ckpt=... format=onnx|torchscript|hf output=... [input_dtype=uint8|float32]``;
     the parity check runs on images from ``check_images`` (a folder or file) when given. The output is
     checked before anything is loaded."""
     from finetune.config import check_known_keys
@@ -182,7 +187,7 @@ def run_export(cfg) -> dict[str, Any]:
 
         paths = scan_inputs(cfg.check_images, key="check_images")
         reads = [("the check_images input", str(cfg.check_images))] + [("a check_images image", p) for p in paths]
-        if str(cfg.format).lower() in FORMATS:  # else export() says what the formats are
+        if str(cfg.format).lower() in ("onnx", "torchscript"):  # else export() checks it (or says the formats)
             check_export_output(cfg.output, str(cfg.format).lower(), _one_checkpoint(cfg.ckpt), bool(cfg.overwrite),
                                 reads)
         images = []
@@ -195,6 +200,12 @@ def run_export(cfg) -> dict[str, Any]:
                 break
         images = images or None
     result = export(cfg.ckpt, str(cfg.format), cfg.output, str(cfg.input_dtype), images, bool(cfg.overwrite))
+    if result["format"] == "hf":
+        print(f"Exported a Hugging Face model folder -> {result['output']} ({', '.join(result['files'])}; "
+              f"{len(result['classes'])} classes); loaded back with timm, max |difference| vs torch: "
+              f"{result['max_abs_diff_vs_torch']:.2e}. Load it with timm.create_model('local-dir:{result['output']}', "
+              f"pretrained=True); publish it with `huggingface-cli upload USER/NAME {result['output']}`.")
+        return result
     print(f"Exported {result['format']} -> {result['output']} (input {result['input_dtype']} {result['input_shape']}, "
           f"{len(result['classes'])} classes); max |difference| vs torch on {result['checked_on']} images: "
           f"{result['max_abs_diff_vs_torch']:.2e}")
