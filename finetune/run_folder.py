@@ -18,8 +18,11 @@ LOCK_FILE = ".lock"
 # The temp files of run_files' writes (mkstemp): ".NAME." + 8 random characters + ".tmp"; a SIGKILL leaves them
 # behind.
 TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-# Not a sign of an earlier run: Hydra writes .hydra/ and its job log into the run folder at startup.
-STARTUP_ENTRIES = (".hydra", LOCK_FILE)
+# finetune.fit((images, labels)) writes in-memory training images to RUN/images/<label>/ before training starts.
+IN_MEMORY_IMAGES = "images"
+# Not a sign of an earlier run: Hydra writes .hydra/ and its job log into the run folder at startup, the Python
+# API its in-memory images (it checks the folder is fresh before it writes them).
+STARTUP_ENTRIES = (".hydra", LOCK_FILE, IN_MEMORY_IMAGES)
 
 
 def run_folder_of(resume: Any) -> Path | None:

@@ -50,6 +50,7 @@ from finetune.run_folder import (
     run_folder_of,
 )
 from finetune.scoring import checkpoint_to_score, flat, report_or_warning, score_checkpoints, summary, trainer_scores
+from finetune.trackers import close_trackers, log_run_files
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,17 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         resumed.check_fits(run.index.classes, run.module)
     if rank_zero_only.rank == 0:
         _write_run_files(cfg, run_dir, run, watch.trainer, resumed, resume)
-    fit_seconds = _fit(watch, run, run_dir, resume)
-    # Read now: validate/test below restore callback state from the best checkpoint, an earlier epoch.
-    lr_reductions = list(watch.reductions.reductions)
-    snapshot_paths = list(watch.snapshots.paths) if watch.snapshots is not None else []
-    metrics, scored = _score(cfg, run_dir, watch, run, fit_seconds, run.regularization, lr_reductions)
-    if watch.trainer.is_global_zero:
-        _finish(cfg, run_dir, run, metrics, scored, snapshot_paths, fit_seconds)
+    try:
+        fit_seconds = _fit(watch, run, run_dir, resume)
+        # Read now: validate/test below restore callback state from the best checkpoint, an earlier epoch.
+        lr_reductions = list(watch.reductions.reductions)
+        snapshot_paths = list(watch.snapshots.paths) if watch.snapshots is not None else []
+        metrics, scored = _score(cfg, run_dir, watch, run, fit_seconds, run.regularization, lr_reductions)
+        if watch.trainer.is_global_zero:
+            _finish(cfg, run_dir, run, metrics, scored, snapshot_paths, fit_seconds)
+            log_run_files(watch.trainer.loggers, run_dir)
+    finally:
+        close_trackers(watch.trainer.loggers)
     return metrics
 
 

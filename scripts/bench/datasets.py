@@ -1,9 +1,9 @@
 """The benchmark datasets, written once as image folders (``train/``, ``val/``, ``test/``).
 
 - ``fmnist-10``, ``fmnist-50``, ``fmnist-200``, ``fmnist-1000``: real Fashion-MNIST
-  (``scripts/make_demo_data.py``), 10 / 50 / 200 / 1000 training images per class; the same 10 validation and 200 test images per class in
-  all three (the test draw does not depend on the training size: make_demo_data draws it from the
-  official test file with a fixed seed).
+  (``scripts/make_demo_data.py``), 10 / 50 / 200 / 1000 training images per class; the same 10
+  validation and 200 test images per class in all four (the test draw does not depend on the training
+  size: make_demo_data draws it from the official test file with a fixed seed).
 - ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, ~180 per class), a very different,
   very small domain; a seeded stratified split into 50% train, 10% validation, 40% test.
 - ``stamps``, ``emoji-objects``, ``glyphs``: real pictures from Debian/PyPI packages (Tux Paint's
