@@ -235,6 +235,17 @@ class Run:
         return load(self.dir)
 
 
+def _check_strategy_in_notebook(strategy: Any) -> None:
+    """DDP starts the script once per process, which a notebook cannot be: ddp_spawn (or one process) there."""
+    import sys
+
+    name = str(strategy)
+    if "ipykernel" in sys.modules and name.startswith("ddp") and "spawn" not in name and "notebook" not in name:
+        raise FinetuneError(f"trainer.strategy={name} starts this program again for every process, which a notebook "
+                            f"cannot do: use trainer.strategy=ddp_spawn (or ddp_notebook) for several GPUs from a "
+                            f"notebook, or run the same overrides with the `finetune` command.")
+
+
 def fit(data: Any, /, overrides: Sequence[str] = (), **options: Any) -> Run:
     """Train on ``data`` (a folder, a CSV, or ``(images, labels)`` in memory) as ``finetune data.root=DATA
     OVERRIDES`` would, and return the run. ``run_dir=`` names the folder (default outputs/<date>/<time>)."""
@@ -256,6 +267,7 @@ def fit(data: Any, /, overrides: Sequence[str] = (), **options: Any) -> Run:
     with _composed("train", [*first, *given]) as cfg:
         if not cfg.resume:
             check_train_config(cfg)  # a bad config fails before anything is written
+        _check_strategy_in_notebook(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
         if isinstance(data, tuple):
             from finetune.run_folder import earlier_run_files
 

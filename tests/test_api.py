@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,7 +97,7 @@ def test_fit_gives_the_cli_metrics_and_two_fits_give_the_same(tmp_path):
     assert logging.getLogger("finetune").handlers == handlers and Path.cwd() != tmp_path / "api1"
 
 
-def test_bad_input_gets_the_cli_errors(tmp_path):
+def test_bad_input_gets_the_cli_errors(tmp_path, monkeypatch):
     images, labels = _digits(4)
     with pytest.raises(FinetuneError, match=r"optimizer\.lrr is not a key.*Did you mean: optimizer\.lr"):
         finetune.fit((images, labels), optimizer={"lrr": 1e-3}, run_dir=tmp_path / "a")
@@ -116,10 +118,14 @@ def test_bad_input_gets_the_cli_errors(tmp_path):
         finetune.fit((images, labels), tta={"hflip"}, run_dir=tmp_path / "h")
     with pytest.raises(FinetuneError, match="data is a int"):
         finetune.fit(3)
+    with monkeypatch.context() as m:  # in a notebook, DDP (which restarts the program) gets what to use instead
+        m.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+        with pytest.raises(FinetuneError, match="trainer.strategy=ddp .*use trainer.strategy=ddp_spawn"):
+            finetune.fit((images, labels), trainer={"strategy": "ddp", "devices": 2}, run_dir=tmp_path / "i")
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     with pytest.raises(FinetuneError, match="is not a torch checkpoint"):
         finetune.load(tmp_path / "notes.ckpt")
-    assert not any((tmp_path / x).exists() for x in "abc")  # a bad config leaves no run folder
+    assert not any((tmp_path / x).exists() for x in "abci")  # a bad config leaves no run folder
 
 
 def _wandb_records(path: Path) -> Iterator[bytes]:
