@@ -293,7 +293,7 @@ def advise(data: Any, /, overrides: Sequence[str] = (), **options: Any) -> dict[
                             "RUN/images (or write them to class folders yourself) and advise on that folder.")
     given = to_overrides(options, overrides)
     with _logging_to(None), _composed("train", [f"data.root={_value(str(data), 'data')}", *given]) as cfg:
-        from finetune.advise import advise as run_advise
+        from finetune.advice import advise as run_advise
         from finetune.cli.main import _check_train_start
 
         _check_train_start(cfg)

@@ -183,3 +183,17 @@ def test_wandb_offline_run_holds_the_metrics_and_the_run_files(tmp_path, monkeyp
         assert any(name.startswith("run-files-") for name in artifacts)
         assert (run.dir / "logs" / "metrics.csv").is_file()  # the CSV log stays beside it (the report reads it)
     assert len({p.name for r in runs for p in r.dir.glob("wandb/offline-run-*")}) == 2
+
+
+def test_advise_returns_the_decision_fit_then_applies(tmp_path):
+    root = _folders(tmp_path / "digits")
+    options = {"data": {"image_size": 32}, "recipe": "off", "report": False,
+               "trainer": {"max_epochs": 1, "enable_progress_bar": False}}
+    decision = finetune.advise(root, **options)
+    assert decision["quadrant"] in ("small_similar", "small_different", "large_similar", "large_different")
+    assert decision["measurements"]["images_per_class"]["median"] == 16 and decision["reasons"]
+    run = finetune.fit(root, run_dir=tmp_path / "run", **options)
+    assert run.policy["quadrant"] == decision["quadrant"]
+    assert run.policy["policy_applied"] == decision["policy_applied"]
+    with pytest.raises(FinetuneError, match="advise reads data from a folder"):
+        finetune.advise(_digits(3))

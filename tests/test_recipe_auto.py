@@ -257,7 +257,7 @@ def test_second_step_lr_and_flip_from_the_measurement_in_a_library_call(tmp_path
 
 
 def test_advise_measures_at_the_size_training_will_use_and_shows_the_recipe(tmp_path: Path, capsys):
-    from finetune.advise import advise
+    from finetune.advice import advise
 
     root = image_folders(tmp_path / "imgs", 10)  # 40 px images: recipe=auto trains (and so measures) at 96 px
     record = advise(make_cfg([f"data.root={root}", "recipe=auto", "trainer.accelerator=cpu"]))

@@ -259,7 +259,7 @@ def predict_main(cfg: DictConfig) -> None:
 def advise_main(cfg: DictConfig) -> None:
     _check_train_start(cfg)
     _load_lightning()
-    from finetune.advise import advise
+    from finetune.advice import advise
 
     advise(cfg)
 

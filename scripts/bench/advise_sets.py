@@ -25,7 +25,7 @@ import numpy as np
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from finetune.advise import advise
+from finetune.advice import advise
 
 REPO = Path(__file__).resolve().parents[2]
 
