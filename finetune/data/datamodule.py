@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.data.datasets import DatasetIndex, Sample
 from finetune.data.images import BadImageError, load_image
@@ -75,6 +75,24 @@ class ImageListDataset(Dataset):
                             path, e.reason)
         raise FinetuneError(f"None of the {n} images of this split can be read any more (e.g. {self.samples[i][0]}); "
                             f"check that the data is still there and readable.")
+
+
+def each_image_once(dataset: Dataset) -> Sampler | None:
+    """Under DDP, the sampler for scoring: each rank takes every world-size-th image, none repeated, so
+    val/test metrics (torchmetrics and the logged loss, both summed over ranks) count every image exactly once.
+    Lightning's default DistributedSampler pads the ranks' shares to equal length with repeated images; a
+    rank may then run one batch fewer, which is safe in evaluation (no gradient, no buffer sync). None
+    (Lightning's default) when not distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if len(dataset) < dist.get_world_size():
+        raise FinetuneError(f"{len(dataset)} image(s) to score on {dist.get_world_size()} processes: every process "
+                            f"needs at least one. Use fewer devices or more validation/test images.")
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -215,6 +233,7 @@ class ImageDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch,
             shuffle=train,
+            sampler=None if train else each_image_once(dataset),
             drop_last=train and len(dataset) > batch,  # a batch of 1 breaks BatchNorm in train mode
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

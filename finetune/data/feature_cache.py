@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune.data.datamodule import ImageDataModule, ImageListDataset
+from finetune.data.datamodule import ImageDataModule, ImageListDataset, each_image_once
 from finetune.data.transforms import train_transform
 from finetune.models.heads import pooled_features
 
@@ -91,7 +91,8 @@ class CachedFeatureDataModule(L.LightningDataModule):
             # sees the same loss on every rank instead of each rank's shard).
             return DataLoader(_FullBatch(self._dataset(split)), batch_size=None)
         batch = self.images.batch_size if train else self.images.eval_batch_size
-        return DataLoader(self._dataset(split), batch_size=batch, shuffle=train)
+        dataset = self._dataset(split)
+        return DataLoader(dataset, batch_size=batch, shuffle=train, sampler=None if train else each_image_once(dataset))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.data.transforms import Preprocessing
@@ -98,6 +99,10 @@ class ImageClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        # Scoring losses as metrics (sum and count, summed over DDP ranks): Lightning's own sync of a logged mean
+        # averages the ranks' image counts in integers, which is wrong when the ranks score unequal shares.
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
 
     @property
     def eval_stage(self) -> str:
@@ -162,9 +167,12 @@ class ImageClassifier(L.LightningModule):
             self.log("train/penalty", penalty, on_step=False, on_epoch=True, batch_size=len(y))
             loss = loss + penalty
         metric(logits, y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
-                 sync_dist=not on_step)
+        if stage == "train":
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        else:
+            mean = self.test_loss if stage == "test" else self.val_loss
+            mean.update(loss.detach(), weight=len(y))
+            self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
