@@ -80,3 +80,42 @@ def test_ddp_ranks_share_rank_zeros_decision_and_train_a_cached_head_on_all_feat
     a = read_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt")["state_dict"]["net.classifier.weight"]
     b = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt")["state_dict"]["net.classifier.weight"]
     assert float((a - b).abs().max()) < TOLERANCE and abs(ddp["val/loss"] - single["val/loss"]) < TOLERANCE
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_on_one_machine_train_one_run_that_matches_one_process(tmp_path):
+    """Multi-node as a cluster runs it: two torchrun "nodes" (one process each) meet at a c10d rendezvous on
+    127.0.0.1, Lightning reads the torchrun environment (trainer.num_nodes=2), and the two write one run
+    folder whose weights and metrics match one process with the same global batch."""
+    root = tmp_path / "data"
+    for s, (split, n) in enumerate((("train", 8), ("val", 3), ("test", 5))):
+        for i, kind in enumerate(CLASSES):
+            write_images(root / split / kind, kind, n, seed=10 * s + i)
+    run = tmp_path / "two-nodes"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=finetune-test", "-m", "finetune",
+               f"data.root={root}", *COMMON, "data.batch_size=12", "trainer.accelerator=cpu", "trainer.devices=1",
+               "trainer.num_nodes=2", "trainer.strategy=ddp", f"run_dir={run}"]
+    nodes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    single = train(make_cfg([f"data.root={root}", *COMMON, "data.batch_size=24", "optimizer.lr=0.02",
+                             "trainer.accelerator=cpu", "trainer.devices=1", f"run_dir={tmp_path / 'single'}"]))
+    two = json.loads((run / "metrics.json").read_text())
+    for key in ("val/loss", "test/loss"):
+        assert abs(two[key] - single[key]) < TOLERANCE, key
+    assert two["val/acc"] == single["val/acc"] and two["test/acc"] == single["test/acc"]
+    a = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    b = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in b if b[k].is_floating_point()) < TOLERANCE
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sum("Learning rates x2 (lr_scaling=linear)" in o for o in outputs) == 1  # rank 0 logs the plan
