@@ -53,3 +53,46 @@ def decision_of_rank_zero(run_dir: Path, run_id: str, policy_cfg: dict[str, Any]
         time.sleep(0.5)
     raise FinetuneError(f"Rank {rank_zero_only.rank} waited {timeout_s:.0f} s for rank 0's policy decision in {path}; "
                         f"rank 0 may have failed (see its log), or run_dir is not on a filesystem all nodes share.")
+
+
+# Lightning's names for its DDP strategy with each start method (lightning.pytorch.strategies.ddp).
+_DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
+
+
+def strategy_with_timeout(strategy: Any, timeout_s: Any) -> Any:
+    """``trainer.strategy`` as Lightning's DDPStrategy with ``ddp_timeout_s`` as the collectives' timeout, so a
+    process that waits for a lost one stops after that long instead of torch's default (30 min; NCCL 10 min).
+    Any other strategy is passed on as given."""
+    if not isinstance(strategy, str) or strategy not in _DDP_START_METHODS or timeout_s in (None, 0):
+        return strategy
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s < 0:
+        raise FinetuneError(f"ddp_timeout_s={timeout_s} must be a number of seconds (or null for torch's default).")
+    return DDPStrategy(start_method=_DDP_START_METHODS[strategy], timeout=timedelta(seconds=float(timeout_s)))
+
+
+def is_lost_process(error: BaseException) -> bool:
+    """A collective that failed because another process died or stopped answering (gloo/NCCL, a timeout)."""
+    import re
+
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    lost = r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|timeout"
+    return isinstance(error, RuntimeError) and bool(re.search(lost, str(error), re.IGNORECASE))
+
+
+def lost_process_message(error: BaseException, run_dir: Path, world_size: int, timeout_s: Any) -> str:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = (f"The last checkpoint is intact: {last}. Continue with: finetune resume={run_dir} (on these devices, "
+             f"or others: trainer.devices=N trainer.num_nodes=M trainer.strategy=..., the global batch and the "
+             f"LR then follow the new number of processes)" if last.is_file()
+             else "No checkpoint was saved yet (the first epoch had not finished): start the run again")
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return (f"Another process of this {world_size}-process run stopped or stopped answering during training, so this "
+            f"one stopped too ({first}). {saved}. A process that hangs instead of dying is given up on after "
+            f"ddp_timeout_s={timeout_s} s.")

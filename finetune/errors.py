@@ -27,6 +27,13 @@ class TrainingInterrupted(FinetuneError):
         super().__init__(f"Interrupted; continue with: finetune resume={run_dir}")
 
 
+class ProcessLost(FinetuneError):
+    """Another DDP process died or stopped answering: the message says which checkpoint is intact and how to
+    resume; exit status 75 (EX_TEMPFAIL: try again), not 2, as the input was not at fault."""
+
+    exit_code = 75
+
+
 def close_matches(word: str, choices: Iterable[str], n: int = 5, prefix: str = "") -> str:
     """'did you mean ...' text for an unknown name, or '' when nothing is close (``prefix``: shown before each
     match, e.g. the parent key ``optimizer.`` when matching ``lrr`` against that node's keys)."""

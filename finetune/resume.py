@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 RESUME_SAFE_KEYS = (
     "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.enable_progress_bar",
     "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.accelerator", "trainer.devices",
+    "trainer.strategy", "trainer.num_nodes", "ddp_timeout_s",
     "data.num_workers", "data.pin_memory", "data.preload", "data.preload_max_gb", "data.eval_batch_size",
     "report", "tta", "score_checkpoint",
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import instantiate_named, validate_train_config
+from finetune.distributed import is_lost_process, lost_process_message, strategy_with_timeout
 from finetune.ensemble import train_ensemble
-from finetune.errors import FinetuneError, TrainingInterrupted
+from finetune.errors import FinetuneError, ProcessLost, TrainingInterrupted
 from finetune.history import HistoryCSVLogger
 from finetune.members import ENSEMBLE_FILE
 from finetune.models.backbone import check_backbone_name
@@ -155,8 +158,10 @@ def _build_trainer(cfg: DictConfig, run_dir: Path) -> _Watch:
         snapshots = SnapshotCheckpoint(run_dir / "checkpoints", epochs)
         callbacks.append(snapshots)
     # Built before the heavy work, so a bad logger or callback fails in a second, not after measuring.
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args["strategy"] = strategy_with_timeout(trainer_args.get("strategy", "auto"), cfg.ddp_timeout_s)
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer_args,
         default_root_dir=str(run_dir),
         logger=instantiate_named("logger", cfg.get("logger")) or False,
         callbacks=callbacks,
@@ -198,6 +203,19 @@ def _fit(watch: _Watch, run: Prepared, run_dir: Path, resume: str | None) -> flo
     except SystemExit:  # Lightning exits after Ctrl-C (KeyboardInterrupt), once it has shut down
         if watch.interrupted.seen:
             raise TrainingInterrupted(run_dir) from None
+        raise
+    except MisconfigurationException as e:  # a resume whose checkpoint is past trainer.max_epochs
+        epoch = re.search(r"current_epoch=(\d+).*max_epochs=(-?\d+)", str(e))
+        if resume and epoch:
+            raise FinetuneError(
+                f"resume={resume}: the checkpoint has trained {epoch.group(1)} epochs, more than "
+                f"trainer.max_epochs={epoch.group(2)}. Pass a larger trainer.max_epochs to train on (or use "
+                f"finetune-eval on the checkpoint to score it as it is).") from None
+        raise
+    except RuntimeError as e:
+        if watch.trainer.world_size > 1 and is_lost_process(e):
+            raise ProcessLost(lost_process_message(e, run_dir, watch.trainer.world_size,
+                                                   run.cfg.ddp_timeout_s)) from None
         raise
     return time.perf_counter() - started
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import CLASSES, make_cfg, write_images
 
 from finetune.models.checkpoint import read_checkpoint
@@ -119,3 +120,58 @@ def test_two_torchrun_nodes_on_one_machine_train_one_run_that_matches_one_proces
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in b if b[k].is_floating_point()) < TOLERANCE
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert sum("Learning rates x2 (lr_scaling=linear)" in o for o in outputs) == 1  # rank 0 logs the plan
+
+
+@pytest.mark.parametrize("how", ["killed", pytest.param("hung", marks=pytest.mark.slow)])
+def test_a_lost_rank_stops_the_run_with_the_checkpoint_to_resume_from_and_resume_takes_fewer_processes(tmp_path, how):
+    """One of two DDP processes dies (SIGKILL) or hangs (SIGSTOP) mid-run: the other stops within seconds of
+    the death, or of ddp_timeout_s for the hang (not torch's 30-minute collective timeout), with one paragraph
+    naming the intact last.ckpt and the resume command, exit 75; resume=RUN then continues on one process;
+    a resume shorter than the checkpoint gets a clear error."""
+    import os
+    import signal
+    import time
+
+    root = tmp_path / "data"
+    for s, (split, n) in enumerate((("train", 8), ("val", 3), ("test", 5))):
+        for i, kind in enumerate(CLASSES):
+            write_images(root / split / kind, kind, n, seed=10 * s + i)
+    run = tmp_path / "run"
+    common = [c for c in COMMON if not c.startswith("trainer.max_epochs")]
+    parent = subprocess.Popen(
+        [str(Path(sys.executable).parent / "finetune"), f"data.root={root}", *common, "trainer.max_epochs=500",
+         "data.batch_size=4", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+         f"run_dir={run}", f"ddp_timeout_s={5 if how == 'hung' else 300}"],
+        # files, not pipes: a stopped rank keeps its inherited pipe ends open, and reading them would wait for it
+        cwd=tmp_path, stdout=(tmp_path / "out.log").open("w"), stderr=(tmp_path / "err.log").open("w"))
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.is_file() and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    children = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True, check=False)
+    ranks = [int(p) for p in children.stdout.split()]
+    assert last.is_file() and len(ranks) == 1, (ranks, parent.poll())
+    time.sleep(2)  # mid-epoch, a few epochs in
+    os.kill(ranks[0], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+    lost = time.monotonic()
+    try:
+        parent.wait(timeout=120)
+    finally:
+        if how == "hung":
+            os.kill(ranks[0], signal.SIGKILL)
+    err = (tmp_path / "err.log").read_text()
+    assert time.monotonic() - lost < 60
+    assert parent.returncode == 75, err[-3000:]
+    assert "Traceback" not in err
+    message = " ".join(err.split())
+    assert "Another process of this 2-process run stopped" in message and f"finetune resume={run}" in message
+    epoch = read_checkpoint(last)["epoch"]  # intact: it loads
+    resumed = subprocess.run(
+        [str(Path(sys.executable).parent / "finetune"), f"resume={run}", "trainer.devices=1", "trainer.strategy=auto",
+         f"trainer.max_epochs={epoch + 3}"], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == epoch + 3
+    short = subprocess.run([str(Path(sys.executable).parent / "finetune"), f"resume={run}", "trainer.max_epochs=1"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert short.returncode == 2 and "Traceback" not in short.stderr
+    assert "Pass a larger trainer.max_epochs" in " ".join(short.stderr.split())
