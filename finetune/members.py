@@ -146,13 +146,23 @@ def checkpoint_inputs(ckpt: Any, members: Sequence[str]) -> list[tuple[str, str]
     return reads
 
 
+def imbalance_scores(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Balanced accuracy and macro F1, as the module logs them (torchmetrics, macro over classes present)."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+    return {"balanced_acc": float(multiclass_accuracy(pred, y, num_classes, average="macro")),
+            "macro_f1": float(multiclass_f1_score(pred, y, num_classes, average="macro"))}
+
+
 def score_probabilities(probs: torch.Tensor, labels: Sequence[int]) -> dict[str, Any]:
     """Accuracy and NLL of the averaged probabilities, and of each member when there are several."""
     y = torch.as_tensor(list(labels))
     mean = probs.mean(0)
+    pred = mean.argmax(-1)
     scores: dict[str, Any] = {
-        "acc": float((mean.argmax(-1) == y).float().mean()),
+        "acc": float((pred == y).float().mean()),
         "loss": float(-mean.gather(1, y[:, None]).clamp_min(1e-12).log().mean()),
+        **imbalance_scores(pred, y, mean.shape[-1]),
     }
     if len(probs) > 1:
         members = [float((p.argmax(-1) == y).float().mean()) for p in probs]

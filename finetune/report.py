@@ -148,8 +148,9 @@ def _section(what: str, blocks: list[Block], problems: list[str]) -> Iterator[No
 def _summary_blocks(run_dir: Path, metrics: dict[str, Any], cfg: Any) -> list[Block]:
     """The title, a warning when there was no validation split, and the headline scores."""
     blocks: list[Block] = [("h", f"finetune run: {Path(run_dir).name}", 1)]
-    keys = ("val/acc", "val/loss", "train_eval/acc", "train_eval/loss", "test/acc", "test/loss", "epochs",
-            "fit_seconds")
+    keys = ("val/acc", "val/balanced_acc", "val/macro_f1", "val/loss", "train_eval/acc", "train_eval/balanced_acc",
+            "train_eval/macro_f1", "train_eval/loss", "test/acc", "test/balanced_acc", "test/macro_f1", "test/loss",
+            "epochs", "fit_seconds")
     summary = [[k, _fmt(metrics[k])] for k in keys if k in metrics]
     intro = (f"Backbone {cfg.model.backbone} ({metrics.get('weights')} weights), policy {metrics.get('policy')}, "
              f"run folder {run_dir}.")

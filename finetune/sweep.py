@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.run_files import write_text
 
-SCORES = ("val/acc", "val/loss", "test/acc", "test/loss", "epochs", "fit_seconds")
+SCORES = ("val/acc", "val/balanced_acc", "val/macro_f1", "val/loss", "test/acc", "test/balanced_acc", "test/macro_f1",
+          "test/loss", "epochs", "fit_seconds")
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:

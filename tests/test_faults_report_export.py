@@ -49,7 +49,7 @@ def _table(markdown: str, title: str) -> list[list[str]]:
 
 
 def test_report_files_and_numbers(split_folders, fast_cfg, tmp_path):
-    metrics = train(fast_cfg(split_folders, "policy=full", "trainer.max_epochs=2"))
+    metrics = train(fast_cfg(split_folders, "policy=full", "trainer.max_epochs=2", "monitor=val/macro_f1"))
     run = Path(metrics["run_dir"])
     for name in ("learning_curves.png", "confusion_matrix.png", "augment_preview.png"):
         with Image.open(run / name) as image:
@@ -70,8 +70,15 @@ def test_report_files_and_numbers(split_folders, fast_cfg, tmp_path):
         recall = float(((pred == i) & (labels == i)).sum() / (labels == i).sum())
         assert float(row[2]) == pytest.approx(recall, abs=1e-4) and int(row[4]) == int((labels == i).sum())
     assert float((pred == labels).mean()) == pytest.approx(metrics["test/acc"], abs=1e-6)
+    # the scores that stay honest under imbalance, as scikit-learn computes them on the same predictions
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    assert metrics["test/balanced_acc"] == pytest.approx(balanced_accuracy_score(labels, pred), abs=1e-6)
+    assert metrics["test/macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro"), abs=1e-6)
+    assert {"val/balanced_acc", "val/macro_f1"} <= set(metrics)
     summary = dict(r[:2] for r in _table(report, "| metric | value |"))
     assert float(summary["test/acc"]) == pytest.approx(metrics["test/acc"], abs=1e-4)
+    assert float(summary["test/macro_f1"]) == pytest.approx(metrics["test/macro_f1"], abs=1e-4)
 
 
 def _split(root: Path, split: str) -> list[tuple[str, int]]:
@@ -133,3 +140,15 @@ def test_checkpoint_writes_are_atomic(tmp_path):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "bad": lambda: 0}, path)
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))  # the good file stands
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp file left behind
+
+
+def test_scores_of_averaged_probabilities_are_honest_under_imbalance():
+    """Predicting the majority class everywhere: 80% accuracy, but balanced accuracy 0.5 and macro F1 0.44
+    (as finetune-eval, TTA and ensembles report them)."""
+    from finetune.members import score_probabilities
+
+    probs = torch.tensor([[0.9, 0.1]] * 10)[None]  # [members, images, classes]
+    scores = score_probabilities(probs, [0] * 8 + [1] * 2)
+    assert scores["acc"] == pytest.approx(0.8)
+    assert scores["balanced_acc"] == pytest.approx(0.5)
+    assert scores["macro_f1"] == pytest.approx((2 * 0.8 / 1.8 + 0.0) / 2, abs=1e-6)

@@ -22,8 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
@@ -103,6 +103,10 @@ class ImageClassifier(L.LightningModule):
         # averages the ranks' image counts in integers, which is wrong when the ranks score unequal shares.
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        # Honest under class imbalance: balanced accuracy (the mean of per-class recalls) and macro F1.
+        self.val_extra = MetricCollection({"balanced_acc": MulticlassAccuracy(num_classes=n, average="macro"),
+                                           "macro_f1": MulticlassF1Score(num_classes=n, average="macro")})
+        self.test_extra = self.val_extra.clone()
 
     @property
     def eval_stage(self) -> str:
@@ -173,6 +177,10 @@ class ImageClassifier(L.LightningModule):
             mean = self.test_loss if stage == "test" else self.val_loss
             mean.update(loss.detach(), weight=len(y))
             self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True)
+            extra = self.test_extra if stage == "test" else self.val_extra
+            extra.update(logits, y)
+            for name, metric_obj in extra.items():
+                self.log(f"{stage}/{name}", metric_obj, on_step=False, on_epoch=True)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
