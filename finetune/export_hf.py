@@ -102,7 +102,8 @@ def model_card(loaded: LoadedCheckpoint, backbone: str, facts: dict[str, Any]) -
                     **{f"reason {i + 1}": r for i, r in enumerate(policy.get("reasons") or [])}}
         details["Transfer policy"] = {k: v for k, v in decision.items() if v is not None}
     kinds = ("acc", "balanced_acc", "macro_f1", "loss")
-    scores = {k: f"{float(v):.4f}" for k, v in metrics.items() if k.split("/")[-1] in kinds and isinstance(v, (int, float))}
+    scores = {k: f"{float(v):.4f}" for k, v in metrics.items()
+              if k.split("/")[-1] in kinds and isinstance(v, (int, float))}
     if scores:
         details["Metrics"] = scores
     usage = (
