@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.config_keys import check_known_keys
@@ -93,6 +93,10 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.validate", lambda v: isinstance(v, bool), _FLAG),
     ("data.min_image_side", lambda v: _whole(v, 1), "must be a whole number of pixels >= 1"),
     ("data.imbalance_ratio", lambda v: _number(v, 1), "must be a number >= 1"),
+    ("data.sampler", lambda v: v in ("uniform", "balanced"), "must be uniform or balanced"),
+    ("loss.class_weights", lambda v: v in ("auto", "balanced", "none") or (
+        isinstance(v, (list, tuple, ListConfig)) and all(_number(w, 0) for w in v)),
+     "must be auto, balanced, none, or a list of one weight >= 0 per class"),
     ("policy.cache", lambda v: isinstance(v, bool) or str(v).lower() in ("auto", "false", "off", "no"),
      "must be auto or false"),
     ("policy.cache_views", lambda v: _whole(v, 0), "must be a whole number >= 0"),

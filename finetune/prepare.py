@@ -19,6 +19,7 @@ from finetune.config import build_optimizer_and_scheduler
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.datasets import DatasetIndex, scan_configured, scan_dataset
 from finetune.data.feature_cache import CachedFeatureDataModule
+from finetune.data.imbalance import choose as choose_imbalance
 from finetune.data.mixing import build_batch_mixer
 from finetune.data.transforms import resolve_preprocessing
 from finetune.data.validate import validate_dataset
@@ -55,6 +56,7 @@ class Prepared:
     cfg: DictConfig  # the run's config with every recipe=auto choice in it (what config.yaml records)
     recipe: RecipeDecision | None  # recipe=auto's choices and reasons (recipe.json); None when resumed
     regularization: Regularization  # as trained (with recipe=auto's label smoothing)
+    imbalance: dict[str, Any]  # loss.class_weights / data.sampler as resolved, with the reason (metrics.json)
 
 
 def recipe_before_measurement(cfg: DictConfig) -> tuple[DictConfig, RecipeDecision]:
@@ -95,7 +97,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularizati
     stage_map = build_stage_map(net)
     augment = OmegaConf.to_container(cfg.augment, resolve=True)
     use_cache, cache_note, head_solver = feature_cache_plan(cfg, policy_cfg, plan, augment, regularization)
-    module, data, mixer = build_module(
+    module, data, mixer, imbalance = build_module(
         cfg, policy_cfg, net, spec, index, preprocessing, plan, stage_map, augment, regularization,
         use_cache=use_cache, head_solver=head_solver, no_validation=no_validation, resume=resume)
     trainable, frozen = count_parameters(module)
@@ -114,7 +116,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularizati
         record = saved_record  # with the measurements that led to it
     log.info("\n%s", format_policy_block(record))
     return Prepared(index, data_report, no_validation, preprocessing, weight_source, plan, augment, module, data,
-                    record, saved_record, trainable, frozen, cfg, recipe, regularization)
+                    record, saved_record, trainable, frozen, cfg, recipe, regularization, imbalance)
 
 
 def policy_choice(cfg: DictConfig, policy_cfg: dict[str, Any], run_dir: Path, resumed: ResumePoint | None,
@@ -137,7 +139,12 @@ def policy_choice(cfg: DictConfig, policy_cfg: dict[str, Any], run_dir: Path, re
 def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, preprocessing, plan, stage_map,
                  augment: dict[str, Any] | None, regularization: Regularization, *, use_cache: bool, head_solver: str,
                  no_validation: str | None, resume: str | None):
-    """(LightningModule, the datamodule fit runs on, the batch mixer or None)."""
+    """(LightningModule, the datamodule fit runs on, the batch mixer or None, the imbalance choice)."""
+    imbalance = choose_imbalance(cfg.loss.class_weights, cfg.data.sampler, [y for _, y in index.splits["train"]],
+                                 index.classes, float(cfg.data.imbalance_ratio))
+    log.info("Class balance: %s%s", imbalance.reason,
+             "; cached features train the head full-batch, so data.sampler=balanced does not apply"
+             if use_cache and imbalance.sampler == "balanced" else "")
     datamodule = ImageDataModule(
         index,
         preprocessing,
@@ -150,6 +157,7 @@ def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, 
         preload_max_gb=cfg.data.preload_max_gb,
         seed=int(cfg.seed),
         on_bad_file=str(cfg.data.on_bad_file),  # a file that fails after the data check: skipped or an error
+        sampler=imbalance.sampler,
     )
     optimizer, scheduler, scheduler_options = build_optimizer_and_scheduler(cfg)
     mixer = build_batch_mixer(augment, len(index.classes))  # MixUp / CutMix mix images: not cached features
@@ -161,7 +169,8 @@ def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, 
                     batch_mixer=None if use_cache else mixer, channels_last=bool(cfg.model.channels_last),
                     frozen_bn_eval=bool(policy_cfg["frozen_bn_eval"]),
                     eval_stage="train_eval" if no_validation else "val",
-                    head_solver=head_solver, head_l2=float(policy_cfg["head_l2"]))
+                    head_solver=head_solver, head_l2=float(policy_cfg["head_l2"]),
+                    class_weights=None if imbalance.class_weights is None else tuple(imbalance.class_weights))
     kind = FeatureHeadClassifier if use_cache else ImageClassifier  # on cached features, or on images
     module = kind(net, spec, index.classes, preprocessing, recipe, regularization, plan, stage_map)
     views = int(policy_cfg["cache_views"] or 0) if augment_is_active(augment) else 0
@@ -169,7 +178,7 @@ def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, 
                                    augmented_views=views) if use_cache else datamodule
     if not use_cache and "head" in plan.unfreeze_at and bool(policy_cfg["head_warm_start"]) and not resume:
         warm_start_head(net, datamodule, float(policy_cfg["head_l2"]))
-    return module, data, mixer
+    return module, data, mixer, imbalance.to_dict(index.classes)
 
 
 def count_parameters(module) -> tuple[int, int]:

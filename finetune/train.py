@@ -250,6 +250,7 @@ def _score(cfg: DictConfig, run_dir: Path, watch: _Watch, run: Prepared, fit_sec
             "validation": (f"{NO_VALIDATION} ({no_validation})" if no_validation
                            else f"val split, {len(index.splits['val'])} images"),
             "regularization": regularization.to_dict(),
+            "imbalance": run.imbalance,
             "lr_reductions": lr_reductions,
         }
     )

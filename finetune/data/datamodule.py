@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.data.datasets import DatasetIndex, Sample
 from finetune.data.images import BadImageError, load_image
+from finetune.data.imbalance import balanced_sampler
 from finetune.data.transforms import Preprocessing, eval_transform, train_transform
 from finetune.errors import FinetuneError
 
@@ -175,8 +176,10 @@ class ImageDataModule(L.LightningDataModule):
         preload_max_gb: float = 2.0,
         seed: int | None = None,
         on_bad_file: str = "skip",
+        sampler: str = "uniform",
     ):
         super().__init__()
+        self.sampler = sampler  # data.sampler: uniform | balanced (finetune/data/imbalance.py)
         self.on_bad_file = on_bad_file  # data.on_bad_file, for a file that fails after the data check passed it
         self.index = index
         self.preprocessing = preprocessing
@@ -229,11 +232,14 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets[split]
         batch = self.batch_size if train else self.eval_batch_size
+        sampler = each_image_once(dataset) if not train else (
+            balanced_sampler([y for _, y in dataset.samples], int(self.seed or 0)) if self.sampler == "balanced"
+            else None)
         return DataLoader(
             dataset,
             batch_size=batch,
-            shuffle=train,
-            sampler=None if train else each_image_once(dataset),
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train and len(dataset) > batch,  # a batch of 1 breaks BatchNorm in train mode
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -61,6 +61,8 @@ class Recipe:
     # FeatureHeadClassifier only: how the head trains on cached features (policy.head_solver, policy.head_l2).
     head_solver: str = "optimizer"
     head_l2: float = 0.0
+    # loss.class_weights as resolved for the training split (finetune/data/imbalance.py); None: unweighted.
+    class_weights: tuple[float, ...] | None = None
 
 
 class ImageClassifier(L.LightningModule):
@@ -155,7 +157,11 @@ class ImageClassifier(L.LightningModule):
         return [UnfreezeSchedule()]
 
     def _cross_entropy(self, logits: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
-        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+        if stage != "train":  # scores stay the plain loss
+            return F.cross_entropy(logits, target)
+        weights = self.recipe.class_weights
+        weight = None if weights is None else torch.tensor(weights, device=logits.device, dtype=logits.dtype)
+        return F.cross_entropy(logits, target, weight=weight, label_smoothing=self.label_smoothing)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str,
               metric: MulticlassAccuracy) -> torch.Tensor:
