@@ -202,6 +202,17 @@ def _auto_recipe_blocks(run_dir: Path) -> list[Block]:
     return blocks
 
 
+def _imbalance_rows(imbalance: dict[str, Any] | None) -> list[list[str]]:
+    """The class balance of the training split and what the run did about it (metrics.json "imbalance")."""
+    if not imbalance:
+        return []
+    weights = imbalance.get("class_weights")
+    shown = ", ".join(f"{c} {w:g}" for c, w in weights.items()) if weights else "none"
+    text = (f"largest / smallest class {imbalance['ratio']:g}; sampler {imbalance['sampler']}; "
+            f"loss weights: {shown} ({imbalance['reason']})")
+    return [["class balance", text]]
+
+
 def _recipe_blocks(run_dir: Path, metrics: dict[str, Any], cfg: Any) -> list[Block]:
     """What recipe=auto chose and why; optimizer, LR schedule, what the regularization changed from its
     defaults, augmentation, and the plateau LR reductions."""
@@ -217,6 +228,7 @@ def _recipe_blocks(run_dir: Path, metrics: dict[str, Any], cfg: Any) -> list[Blo
          ", ".join(f"{k}={v}" for k, v in reg.items()) or "none beyond the optimizer's weight decay"],
         ["augmentation", f"crop={augment['crop']}, transforms={list(augment['transforms'] or [])}"],
         ["batch size / epochs", f"{cfg.data.batch_size} / max {cfg.trainer.max_epochs}"],
+        *_imbalance_rows(metrics.get("imbalance")),
     ])]
     reductions = metrics.get("lr_reductions") or []
     if reductions:

@@ -48,6 +48,8 @@ def test_a_run_weights_its_loss_or_balances_its_batches_and_says_so(tmp_path, fa
     assert record == metrics["imbalance"] and record["ratio"] == 12.0 and record["sampler"] == "uniform"
     assert record["class_weights"] == pytest.approx({"circle": 0.4167, "square": 5.0, "stripes": 2.5}, abs=1e-4)
     assert "inverse class frequency (auto)" in record["reason"]
+    report = (tmp_path / "weighted" / "report.md").read_text()
+    assert "largest / smallest class 12; sampler uniform; loss weights: circle 0.4167, square 5, stripes 2.5" in report
 
     # The training loss is the weighted one: the module's loss on a batch equals torch's weighted CE.
     from finetune.models.checkpoint import load_classifier

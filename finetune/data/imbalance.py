@@ -4,7 +4,9 @@ sampler (``data.sampler``), chosen from the training split's class counts, with 
 ``loss.class_weights=auto`` (the default) weights the loss by inverse class frequency (scikit-learn's
 "balanced": N / (K x n_c), so a balanced split gets all ones) when the largest class has more than
 ``data.imbalance_ratio`` times the images of the smallest (the same threshold the data check warns at),
-and leaves the loss alone otherwise. Measured on long-tailed Fashion-MNIST in BENCHMARKS.md.
+and leaves the loss alone otherwise. Measured on two long-tailed sets (ratio 40, balanced test; BENCHMARKS.md):
+Fashion-MNIST 0.759 plain, 0.795 weighted, 0.787 with the balanced sampler; rendered letters 0.930 / 0.925 /
+0.941 (all within the seed noise there).
 """
 
 from __future__ import annotations

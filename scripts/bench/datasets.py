@@ -4,8 +4,9 @@
   (``scripts/make_demo_data.py``), 10 / 50 / 200 / 1000 training images per class; the same 10
   validation and 200 test images per class in all four (the test draw does not depend on the training
   size: make_demo_data draws it from the official test file with a fixed seed).
-- ``fmnist-longtail``: fmnist-200's training images cut to a long tail (200, 133, 88, ..., 5 per class:
-  ratio 40), with its balanced val and test splits: the imbalance benchmark.
+- ``fmnist-longtail``, ``glyphs-longtail``: fmnist-200's / glyphs-all's training images cut to a long tail
+  (200, 133, 88, ..., 5 per class: ratio 40), with the source's balanced val / test splits: the imbalance
+  benchmark.
 - ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, ~180 per class), a very different,
   very small domain; a seeded stratified split into 50% train, 10% validation, 40% test.
 - ``stamps``, ``emoji-objects``, ``glyphs``: real pictures from Debian/PyPI packages (Tux Paint's
@@ -56,9 +57,12 @@ def _write_digits(out: Path, seed: int = 0) -> None:
                 Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"{i:04d}.png")
 
 
+LONGTAIL_SOURCES = {"fmnist-longtail": "fmnist-200", "glyphs-longtail": "glyphs-all"}
+
+
 def _write_longtail(out: Path, source: Path, largest: int = 200, smallest: int = 5) -> None:
-    """Fashion-MNIST with a long tail: class k (in folder order) keeps largest x (smallest/largest)^(k/9) of
-    fmnist-200's training images (200, 133, 88, ..., 5: ratio 40); the same balanced val and test splits."""
+    """A long tail cut from a balanced set: class k (in folder order) keeps largest x (smallest/largest)^(k/9)
+    of its training images (200, 133, 88, ..., 5: ratio 40); the source's balanced val / test splits."""
     import shutil
 
     classes = sorted(p.name for p in (source / "train").iterdir())
@@ -69,7 +73,8 @@ def _write_longtail(out: Path, source: Path, largest: int = 200, smallest: int =
         for f in files:
             shutil.copy2(f, out / "train" / name / f.name)
     for split in ("val", "test"):
-        shutil.copytree(source / split, out / split)
+        if (source / split).is_dir():
+            shutil.copytree(source / split, out / split)
 
 
 def build(root: Path, names: list[str]) -> dict[str, Path]:
@@ -82,13 +87,14 @@ def build(root: Path, names: list[str]) -> dict[str, Path]:
                 _write_fmnist(out, FMNIST_SIZES[name])
             elif name == "digits":
                 _write_digits(out)
-            elif name == "fmnist-longtail":
-                _write_longtail(out, build(root, ["fmnist-200"])["fmnist-200"])
+            elif name in LONGTAIL_SOURCES:
+                source = LONGTAIL_SOURCES[name]
+                _write_longtail(out, build(root, [source])[source])
             elif name in REAL_SETS:
                 write_real(name, out)
             else:
                 raise SystemExit(f"unknown benchmark dataset {name!r}: choose from "
-                                 f"{[*FMNIST_SIZES, 'fmnist-longtail', 'digits', *REAL_SETS]}")
+                                 f"{[*FMNIST_SIZES, *LONGTAIL_SOURCES, 'digits', *REAL_SETS]}")
         folders[name] = out
     return folders
 
