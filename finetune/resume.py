@@ -87,6 +87,10 @@ def run_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
             parent, _, leaf = key.rpartition(".")
             (OmegaConf.select(merged, parent) if parent else merged).pop(leaf, None)
         log.info("Resume: %s=%s (the run had %s)", key, user_flat.get(key, "(removed)"), saved_flat.get(key))
+    for key, value in _keys_the_run_predates(saved, OmegaConf.to_container(cfg, resolve=False)).items():
+        OmegaConf.update(merged, key, value, merge=True, force_add=True)
+        log.info("Resume: %s=%s (not in the run's config.yaml, written by an older finetune: today's default)",
+                 key, value)
     OmegaConf.update(merged, "run_dir", str(run_dir), merge=False)
     OmegaConf.update(merged, "resume", str(resume), merge=False)
     OmegaConf.set_struct(merged, True)
@@ -124,6 +128,26 @@ def _explaining_interpolations(cfg: DictConfig, saved: DictConfig, saved_flat: d
         except OmegaConfBaseException:
             pass
     return explaining
+
+
+def _keys_the_run_predates(saved: DictConfig, current: dict[str, Any]) -> dict[str, Any]:
+    """Keys today's config has and the run's config.yaml lacks (an older finetune wrote it), with today's
+    defaults, so the run can be resumed. Not inside a node that names a class (``_target_``: its keys are that
+    class's arguments, fixed by the option the run chose) nor under ``hydra``."""
+    saved_tree = OmegaConf.to_container(saved, resolve=False)
+    added = {}
+    for key, value in _flatten(current).items():
+        node, parts = saved_tree, key.split(".")
+        if parts[0] == "hydra":
+            continue
+        for part in parts:
+            if not isinstance(node, dict) or "_target_" in node:
+                break  # a value where today has a node, or a class's arguments: left as the run had them
+            if part not in node:
+                added[key] = value
+                break
+            node = node[part]
+    return added
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -75,3 +75,20 @@ def test_a_run_weights_its_loss_or_balances_its_batches_and_says_so(tmp_path, fa
     assert len(labels) == 30 and min(collections.Counter(labels).values()) >= 5  # uniform would give square 2
     run = train(fast_cfg(root, "policy=full", "augment=none", "data.sampler=balanced", run_dir=tmp_path / "sampled"))
     assert run["imbalance"]["sampler"] == "balanced" and run["imbalance"]["class_weights"] is None
+
+
+def test_a_run_from_before_these_keys_resumes_with_todays_defaults(tmp_path, fast_cfg):
+    """A run folder whose config.yaml an older finetune wrote (no loss.*, data.sampler, ddp_timeout_s) resumes:
+    the missing keys take today's defaults, and the log says so."""
+    import yaml
+
+    root = _skewed_folders(tmp_path / "data")
+    train(fast_cfg(root, "policy=linear_probe", run_dir=tmp_path / "old"))
+    config = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
+    del config["loss"], config["data"]["sampler"], config["ddp_timeout_s"]
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(config))
+    from tests.conftest import make_cfg
+
+    metrics = train(make_cfg([f"resume={tmp_path / 'old'}", "trainer.max_epochs=2"]))
+    assert metrics["epochs"] == 2 and metrics["imbalance"]["sampler"] == "uniform"
+    assert metrics["imbalance"]["class_weights"] is not None  # auto, ratio 12 > 10
