@@ -275,6 +275,10 @@ def fit(data: Any, /, overrides: Sequence[str] = (), **options: Any) -> Run:
             if found:  # checked before the images go into it (train checks the folder again)
                 raise FinetuneError(f"run_dir={run_dir} already holds files of an earlier run ({', '.join(found[:6])});"
                                     f" pass another run_dir, or leave it unset for a fresh outputs/<date>/<time>.")
+            if in_memory.is_dir():  # left by a fit that failed before training: its classes must not mix in
+                import shutil
+
+                shutil.rmtree(in_memory)
             _write_in_memory(data, in_memory)
         if not cfg.resume:
             check_data_root(OmegaConf.select(cfg, "data.root", throw_on_missing=False))

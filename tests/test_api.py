@@ -17,7 +17,7 @@ from PIL import Image
 
 import finetune
 from finetune.errors import FinetuneError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_images
 
 # Fast and deterministic: real Lite0 weights, 32 px, two epochs, the fixed recipe, a whole network (partial).
 FAST = {"data": {"image_size": 32, "batch_size": 16}, "trainer": {"max_epochs": 2, "accelerator": "cpu",
@@ -49,6 +49,8 @@ def _folders(root: Path) -> Path:
 
 def test_readme_python_example_end_to_end(tmp_path):
     images, labels = _digits(20)
+    # images a fit that failed before training left in the folder: replaced, not mixed in
+    write_images(tmp_path / "run" / "images" / "stale", "circle", 3, seed=0)
     run = finetune.fit((images, labels), run_dir=tmp_path / "run", seed=0, data={"val_fraction": 0.25}, **{
         k: v for k, v in FAST.items() if k != "data"}, **{"data.image_size": 32})
     assert run.dir == tmp_path / "run" and (run.dir / "metrics.json").is_file() and (run.dir / "fit.log").is_file()
@@ -107,6 +109,7 @@ def test_bad_input_gets_the_cli_errors(tmp_path, monkeypatch):
         finetune.fit((images, labels), trainer={"max_epochs": "ten"}, run_dir=tmp_path / "c")
     with pytest.raises(FinetuneError, match="12 images but 11 labels"):
         finetune.fit((images, labels[:-1]), run_dir=tmp_path / "d")
+
     mixed = [*images[:-1], np.zeros((16, 16), np.uint8)]
     with pytest.raises(FinetuneError, match=r"images\[0\] is 8x8 but images\[11\] is 16x16"):
         finetune.fit((mixed, labels), run_dir=tmp_path / "e")
