@@ -136,11 +136,9 @@ def _logging_to(run_dir: Path | None) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------- data
 def _as_array(image: Any, where: str) -> np.ndarray:
     """A PIL image or an array as HxWx3 uint8 RGB."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover (pillow is a dependency)
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -328,9 +326,8 @@ class Model:
 
         pp = self._loaded.preprocessing
         transform = eval_transform(pp)
+        # one path, PIL image or array (not a Sequence), or a list of them
         items = [images] if isinstance(images, (str, Path)) or not isinstance(images, Sequence) else list(images)
-        if isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype == np.uint8:
-            items = [images]  # one array image, not a sequence of rows
         entries: list[tuple[str, Any]] = []
         for i, item in enumerate(items):
             if isinstance(item, (str, Path)):

@@ -94,6 +94,7 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.min_image_side", lambda v: _whole(v, 1), "must be a whole number of pixels >= 1"),
     ("data.imbalance_ratio", lambda v: _number(v, 1), "must be a number >= 1"),
     ("data.sampler", lambda v: v in ("uniform", "balanced"), "must be uniform or balanced"),
+    ("ddp_timeout_s", _optional(lambda v: _number(v, 0)), "must be a number of seconds >= 0 or null (torch's default)"),
     ("loss.class_weights", lambda v: v in ("auto", "balanced", "none") or (
         isinstance(v, (list, tuple, ListConfig)) and all(_number(w, 0) for w in v)),
      "must be auto, balanced, none, or a list of one weight >= 0 per class"),

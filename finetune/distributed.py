@@ -62,15 +62,13 @@ _DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", 
 def strategy_with_timeout(strategy: Any, timeout_s: Any) -> Any:
     """``trainer.strategy`` as Lightning's DDPStrategy with ``ddp_timeout_s`` as the collectives' timeout, so a
     process that waits for a lost one stops after that long instead of torch's default (30 min; NCCL 10 min).
-    Any other strategy is passed on as given."""
+    Any other strategy is passed on as given. (``ddp_timeout_s`` is checked with the config's values.)"""
     if not isinstance(strategy, str) or strategy not in _DDP_START_METHODS or timeout_s in (None, 0):
         return strategy
     from datetime import timedelta
 
     from lightning.pytorch.strategies import DDPStrategy
 
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s < 0:
-        raise FinetuneError(f"ddp_timeout_s={timeout_s} must be a number of seconds (or null for torch's default).")
     return DDPStrategy(start_method=_DDP_START_METHODS[strategy], timeout=timedelta(seconds=float(timeout_s)))
 
 

@@ -24,13 +24,33 @@ COMMON = ["data.image_size=32", "policy=full", "augment=none", "+model.kwargs.dr
 TOLERANCE = 1e-4  # max abs difference of any weight and of the losses
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path):
-    """Also: val (9 images) and test (15) do not divide by the 2 ranks, and every image counts once
-    (Lightning's DistributedSampler would pad each rank's share with repeats)."""
-    root = tmp_path / "data"
+def _uneven_splits(root: Path) -> Path:
+    """train 24 images (12 per rank), val 9 and test 15: the scoring splits do not divide by 2 ranks."""
     for s, (split, n) in enumerate((("train", 8), ("val", 3), ("test", 5))):
         for i, kind in enumerate(CLASSES):
             write_images(root / split / kind, kind, n, seed=10 * s + i)
+    return root
+
+
+def _assert_matches_one_process(run: Path, root: Path, single_dir: Path) -> None:
+    """The two-process run's metrics and last weights equal one process with the global batch (24) and the LR
+    the linear rule gives two processes (0.01 x 2)."""
+    single = train(make_cfg([f"data.root={root}", *COMMON, "data.batch_size=24", "optimizer.lr=0.02",
+                             "trainer.accelerator=cpu", "trainer.devices=1", f"run_dir={single_dir}"]))
+    two = json.loads((run / "metrics.json").read_text())
+    for key in ("val/loss", "test/loss"):
+        assert abs(two[key] - single[key]) < TOLERANCE, key
+    assert two["val/acc"] == single["val/acc"] and two["test/acc"] == single["test/acc"]
+    a = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    b = read_checkpoint(single_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in b if b[k].is_floating_point())
+    assert worst < TOLERANCE, worst
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path):
+    """Also: val (9 images) and test (15) do not divide by the 2 ranks, and every image counts once
+    (Lightning's DistributedSampler would pad each rank's share with repeats)."""
+    root = _uneven_splits(tmp_path / "data")
     ddp_dir = tmp_path / "ddp"
     result = subprocess.run(
         [str(Path(sys.executable).parent / "finetune"), f"data.root={root}", *COMMON, "data.batch_size=12",
@@ -40,17 +60,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Learning rates x2 (lr_scaling=linear)" in result.stdout + result.stderr
     assert "replicates some samples" not in result.stderr  # Lightning's padding sampler was not used
-    # One process, global batch 24, the LR the linear rule gives the DDP run (0.01 x 2 processes).
-    single = train(make_cfg([f"data.root={root}", *COMMON, "data.batch_size=24", "optimizer.lr=0.02",
-                             "trainer.accelerator=cpu", "trainer.devices=1", f"run_dir={tmp_path / 'single'}"]))
-    ddp = json.loads((ddp_dir / "metrics.json").read_text())
-    for key in ("val/loss", "test/loss"):
-        assert abs(ddp[key] - single[key]) < TOLERANCE, key
-    assert ddp["val/acc"] == single["val/acc"] and ddp["test/acc"] == single["test/acc"]
-    a = read_checkpoint(ddp_dir / "checkpoints" / "last.ckpt")["state_dict"]
-    b = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt")["state_dict"]
-    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in b if b[k].is_floating_point())
-    assert worst < TOLERANCE, worst
+    _assert_matches_one_process(ddp_dir, root, tmp_path / "single")
     # One run folder, one set of run-level files (rank 0 wrote them), no per-rank copies.
     names = sorted(p.name for p in ddp_dir.iterdir())
     for name in ("metrics.json", "policy.json", "data_report.json", "classes.json", "config.yaml"):
@@ -95,10 +105,7 @@ def test_two_torchrun_nodes_on_one_machine_train_one_run_that_matches_one_proces
     """Multi-node as a cluster runs it: two torchrun "nodes" (one process each) meet at a c10d rendezvous on
     127.0.0.1, Lightning reads the torchrun environment (trainer.num_nodes=2), and the two write one run
     folder whose weights and metrics match one process with the same global batch."""
-    root = tmp_path / "data"
-    for s, (split, n) in enumerate((("train", 8), ("val", 3), ("test", 5))):
-        for i, kind in enumerate(CLASSES):
-            write_images(root / split / kind, kind, n, seed=10 * s + i)
+    root = _uneven_splits(tmp_path / "data")
     run = tmp_path / "two-nodes"
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
@@ -109,15 +116,7 @@ def test_two_torchrun_nodes_on_one_machine_train_one_run_that_matches_one_proces
              for _ in range(2)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
-    single = train(make_cfg([f"data.root={root}", *COMMON, "data.batch_size=24", "optimizer.lr=0.02",
-                             "trainer.accelerator=cpu", "trainer.devices=1", f"run_dir={tmp_path / 'single'}"]))
-    two = json.loads((run / "metrics.json").read_text())
-    for key in ("val/loss", "test/loss"):
-        assert abs(two[key] - single[key]) < TOLERANCE, key
-    assert two["val/acc"] == single["val/acc"] and two["test/acc"] == single["test/acc"]
-    a = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
-    b = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt")["state_dict"]
-    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in b if b[k].is_floating_point()) < TOLERANCE
+    _assert_matches_one_process(run, root, tmp_path / "single")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert sum("Learning rates x2 (lr_scaling=linear)" in o for o in outputs) == 1  # rank 0 logs the plan
 
@@ -132,10 +131,7 @@ def test_a_lost_rank_stops_the_run_with_the_checkpoint_to_resume_from_and_resume
     import signal
     import time
 
-    root = tmp_path / "data"
-    for s, (split, n) in enumerate((("train", 8), ("val", 3), ("test", 5))):
-        for i, kind in enumerate(CLASSES):
-            write_images(root / split / kind, kind, n, seed=10 * s + i)
+    root = _uneven_splits(tmp_path / "data")
     run = tmp_path / "run"
     common = [c for c in COMMON if not c.startswith("trainer.max_epochs")]
     parent = subprocess.Popen(

@@ -232,9 +232,12 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets[split]
         batch = self.batch_size if train else self.eval_batch_size
-        sampler = each_image_once(dataset) if not train else (
-            balanced_sampler([y for _, y in dataset.samples], int(self.seed or 0)) if self.sampler == "balanced"
-            else None)
+        if not train:
+            sampler = each_image_once(dataset)
+        elif self.sampler == "balanced":
+            sampler = balanced_sampler([y for _, y in dataset.samples], int(self.seed or 0))
+        else:
+            sampler = None  # shuffled
         return DataLoader(
             dataset,
             batch_size=batch,
