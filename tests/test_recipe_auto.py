@@ -25,6 +25,7 @@ from finetune.recipe.auto import (
     holdout_rule,
     input_size_rule,
     median_shorter_side,
+    step_budget_rule,
 )
 
 RULES = preset("recipe", "auto")
@@ -56,6 +57,46 @@ def test_training_length_follows_the_data_size_the_input_and_the_device():
     assert epochs_rule(2000, "cpu", {**RULES, "budget": "best"}, 64)[0] > epochs[2000]
     assert epochs_rule(400, "cpu", {**RULES, "budget": 2000}, 64)[0] == 5  # a number of images
     assert "400 training images" in epochs_rule(400, "cpu", RULES, 64)[1]
+
+
+def test_large_data_trains_for_a_step_budget_not_whole_epochs():
+    # 60k images: 3 passes would be 18x the CPU budget; the run sees 3 budgets (30k images) as steps
+    epochs, steps, why = step_budget_rule(60000, "cpu", RULES, 64, 32)
+    assert (epochs, steps) == (1, 938) and "0.50 epochs" in why and "938 steps of 32 images" in why
+    # Up to 3 budgets the floor of 3 whole passes holds (every benchmark set, fmnist-1000's 10k images included)
+    assert step_budget_rule(10000, "cpu", RULES, 64, 32) is None
+    assert step_budget_rule(12000, "cpu", RULES, 64, 32)[:2] == (3, 938)  # 2.5 epochs: the bound is 3
+    # A larger input costs its area; a GPU's budget is larger; a larger global batch takes fewer steps
+    assert step_budget_rule(60000, "cpu", RULES, 128, 32)[1] == 235
+    assert step_budget_rule(60000, "gpu", RULES, 64, 32) is None  # 1.5M images: 3 passes fit the GPU's
+    assert step_budget_rule(1_000_000, "gpu", RULES, 224, 256)[1] == 479
+    assert step_budget_rule(60000, "cpu", RULES, 64, 64)[1] == 469
+
+
+def test_a_step_budget_run_ends_at_its_step_annealed_and_validated_once(tmp_path: Path):
+    """The budget rule on a folder too large for its (tiny) budget: the run stops at the chosen step inside the
+    first epoch, one-cycle reaches its end there, and the one validation check comes at that step."""
+    import torch
+
+    root, run = image_folders(tmp_path / "imgs", 60), tmp_path / "run"  # 180 images: 144 train after holdout
+    result = run_cli("finetune", f"data.root={root}", f"run_dir={run}", "recipe=auto", "recipe.budget=5",
+                     "policy=full", *AUTO_FAST, "data.image_size=32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    chosen = {c["key"]: c for c in json.loads((run / "recipe.json").read_text())["choices"]}
+    # 5 images at 64 px = 20 at 32 px; 3 passes over 144 images is over 3 budgets: 60 images = 8 steps of 8
+    assert chosen["trainer.max_steps"]["value"] == 8 and chosen["trainer.max_epochs"]["value"] == 1
+    assert chosen["trainer.val_check_interval"]["value"] == 8 and chosen["trainer.check_val_every_n_epoch"][
+        "value"] is None
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 8 and ckpt["epoch"] == 0  # stopped inside the first epoch (18 batches)
+    scheduler = ckpt["lr_schedulers"][0]
+    assert scheduler["last_epoch"] == 8 and scheduler["total_steps"] == 8  # the cycle spans exactly the run
+    import csv
+
+    rows = list(csv.DictReader(next((run / "logs").rglob("metrics.csv")).open()))
+    fit_checks = [r["step"] for r in rows if r["val/acc"] and r["epoch"] == "0"]
+    assert fit_checks == ["7"]  # one check, after the 8th (last) step; then the scoring pass
+    assert json.loads((run / "metrics.json").read_text())["val/acc"] >= 0
 
 
 def test_input_gives_way_to_enough_passes_on_a_cpu_budget():

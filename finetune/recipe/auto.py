@@ -189,6 +189,36 @@ def epochs_rule(n_train: int, device: str, rules: Mapping[str, Any], size: int) 
     return epochs, why
 
 
+def global_batch(cfg: DictConfig) -> int:
+    """Images per optimizer step: data.batch_size x accumulated batches x processes (devices x nodes when
+    given as a number; "auto" counts as one)."""
+    devices = cfg.trainer.get("devices")
+    processes = devices if isinstance(devices, int) and devices > 0 else len(devices) if OmegaConf.is_list(devices) \
+        else 1
+    return int(cfg.data.batch_size) * int(cfg.trainer.get("accumulate_grad_batches") or 1) * processes * int(
+        cfg.trainer.get("num_nodes") or 1)
+
+
+def step_budget_rule(n_train: int, device: str, rules: Mapping[str, Any], size: int,
+                     batch: int) -> tuple[int, int, str] | None:
+    """Large data: (max_epochs, max_steps, why) when ``min_epochs`` passes would cost more than ``max_stretch``
+    budgets; the run then sees ``max_stretch`` budgets of images, counted in optimizer steps (a fraction of an
+    epoch on a million images), so the annealing schedule, validation and the end all follow steps. None on data
+    small enough for whole passes (:func:`epochs_rule`)."""
+    budget = budget_images(device, rules) * (int(rules["budget_size"]) / size) ** 2
+    lo, stretch = int(rules["min_epochs"]), float(rules["max_stretch"])
+    if n_train * lo <= budget * stretch:
+        return None
+    images = budget * stretch
+    steps = max(1, math.ceil(images / batch))
+    epochs = max(1, math.ceil(steps / max(1, n_train // batch)))
+    why = (f"budget={rules['budget']}: {n_train:,} training images are too many for {lo} passes "
+           f"({n_train * lo:,} images, more than {stretch:g}x the budget of {round(budget):,} at {size} px on "
+           f"{device.upper()}): {steps:,} steps of {batch} images ({round(images):,} images, "
+           f"{images / n_train:.2f} epochs); a pretrained network adapts in a fraction of a pass over large data")
+    return epochs, steps, why
+
+
 def holdout_rule(index, rules: Mapping[str, Any]) -> tuple[float | None, str]:
     """(data.val_fraction, why) when there is no val split on disk and the data is small: train on every image
     (the policy was chosen by cross-validation, the schedule anneals to a fixed end and the last epoch is
@@ -239,8 +269,16 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
     if side is not None and side < size:
         choose("data.crop_pct", 1.0, f"images are upsampled ({side} -> {size} px): the whole frame is kept, no "
                                      f"centre crop (the pretrained 87.5% crop cut content on every small set)")
-    epochs, why = epochs_rule(n_train, device, rules, size)
-    choose("trainer.max_epochs", epochs, why)
+    steps = None
+    length_given = given("trainer.max_epochs") or given("trainer.max_steps")
+    by_steps = None if length_given else step_budget_rule(n_train, device, rules, size, global_batch(cfg))
+    if by_steps:
+        epochs, steps, why = by_steps
+        choose("trainer.max_steps", steps, why)
+        choose("trainer.max_epochs", epochs, f"an upper bound only: trainer.max_steps={steps:,} ends the run")
+    else:
+        epochs, why = epochs_rule(n_train, device, rules, size)
+        choose("trainer.max_epochs", epochs, why)
     epochs = int(values.get("trainer.max_epochs", cfg.trainer.max_epochs))
     # The flip rule only adds a flip to runs of augment_min_epochs or more: a shorter run skips its probe
     decision.wants_flip_probe = not given("augment") and epochs >= int(rules["augment_min_epochs"])
@@ -258,7 +296,17 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
                                              "augmentation (random crops and flips slow convergence)")
     choose("model.channels_last", True, "NHWC memory layout: the same results 1.3x faster on a CPU (BENCHMARKS.md), "
                                         "and the layout convolutions run fastest in on GPUs")
-    if values.get("data.val_fraction") == 0.0 and epochs > 1:
+    if steps is not None:
+        plateau = not ends_annealed  # a plateau rule (yours) looks after each check: it needs several
+        checks = int(rules["step_budget_checks"]["plateau" if plateau else "anneal"])
+        every = max(1, steps // checks)
+        choose("trainer.check_val_every_n_epoch", None, "validation is counted in steps (below), not epochs")
+        choose("trainer.val_check_interval", every,
+               f"validate every {every:,} steps ({checks} check{'s' if checks > 1 else ''} in the run): "
+               + ("the plateau rule looks after each check" if plateau else
+                  "the annealed schedule scores the end of the run, so one check there; a pass over the "
+                  "validation images per epoch-sized stretch would cost more than it tells"))
+    elif values.get("data.val_fraction") == 0.0 and epochs > 1:
         choose("trainer.check_val_every_n_epoch", epochs, "no validation split: the training images are scored once, "
                                                           "after the last epoch, not after every epoch (a curve of "
                                                           "training accuracy is not worth a pass over the data each)")
