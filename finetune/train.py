@@ -53,6 +53,7 @@ from finetune.run_folder import (
     run_folder_of,
 )
 from finetune.scoring import checkpoint_to_score, flat, report_or_warning, score_checkpoints, summary, trainer_scores
+from finetune.throughput import TrainThroughput, describe
 from finetune.trackers import close_trackers, log_run_files
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,12 @@ def train_single(cfg: DictConfig) -> dict[str, Any]:
         fit_seconds = _fit(watch, run, run_dir, resume)
         # Read now: validate/test below restore callback state from the best checkpoint, an earlier epoch.
         lr_reductions = list(watch.reductions.reductions)
+        speed = watch.throughput.summary()
+        if watch.trainer.is_global_zero:
+            log.info(describe(speed))
         snapshot_paths = list(watch.snapshots.paths) if watch.snapshots is not None else []
         metrics, scored = _score(cfg, run_dir, watch, run, fit_seconds, run.regularization, lr_reductions)
+        metrics["throughput"] = speed
         if watch.trainer.is_global_zero:
             _finish(cfg, run_dir, run, metrics, scored, snapshot_paths, fit_seconds)
             log_run_files(watch.trainer.loggers, run_dir)
@@ -137,15 +142,16 @@ class _Watch:
     lr_trace: LRTrace
     interrupted: InterruptSeen
     snapshots: SnapshotCheckpoint | None
+    throughput: TrainThroughput
 
 
 def _build_trainer(cfg: DictConfig, run_dir: Path) -> _Watch:
     """The Trainer with the configured logger and callbacks, plus the run's own (LR trace, plateau log,
     non-finite loss stop, RNG state, Ctrl-C, snapshots)."""
     reductions, lr_trace = PlateauReductionLog(), LRTrace()
-    interrupted = InterruptSeen()
+    interrupted, throughput = InterruptSeen(), TrainThroughput()
     callbacks = [*instantiate_named("callbacks", cfg.get("callbacks")), reductions, lr_trace,
-                 NonFiniteLossStop(run_dir / "checkpoints"), RNGStateCheckpoint(), interrupted]
+                 NonFiniteLossStop(run_dir / "checkpoints"), RNGStateCheckpoint(), interrupted, throughput]
     snapshots = None
     if cfg.ensemble.snapshots:
         epochs = cycle_end_epochs(cfg.scheduler.cycle_epochs, cfg.scheduler.cycle_mult, cfg.trainer.max_epochs)
@@ -167,7 +173,7 @@ def _build_trainer(cfg: DictConfig, run_dir: Path) -> _Watch:
         callbacks=callbacks,
         plugins=[atomic_checkpoint_io()],  # checkpoints: temp file + rename, like every run file
     )
-    return _Watch(trainer, reductions, lr_trace, interrupted, snapshots)
+    return _Watch(trainer, reductions, lr_trace, interrupted, snapshots, throughput)
 
 
 def _write_run_files(cfg: DictConfig, run_dir: Path, run: Prepared, trainer: L.Trainer, resumed: ResumePoint | None,
