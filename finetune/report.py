@@ -155,8 +155,8 @@ def _summary_blocks(run_dir: Path, metrics: dict[str, Any], cfg: Any) -> list[Bl
     speed = metrics.get("throughput")
     if speed:  # which of model and input pipeline set the pace (finetune/throughput.py)
         summary += [["training images/s", f"{speed['train_images_per_s']:g}"],
-                    ["waiting for data", f"{100 * speed['loader_wait_share']:.0f}% of training time "
-                                         f"({speed['limited_by']} is the limit)"]]
+                    ["waiting for data", (f"{100 * speed['loader_wait_share']:.0f}% of training time "
+                                          f"({speed['limited_by']} is the limit)")]]
     intro = (f"Backbone {cfg.model.backbone} ({metrics.get('weights')} weights), policy {metrics.get('policy')}, "
              f"run folder {run_dir}.")
     if metrics.get("checkpoint_choice"):
