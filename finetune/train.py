@@ -40,6 +40,7 @@ from finetune.recipe.callbacks import (
     PlateauReductionLog,
     RNGStateCheckpoint,
     SnapshotCheckpoint,
+    ValidateAtLastStep,
 )
 from finetune.recipe.regularization import Regularization
 from finetune.recipe.schedulers import cycle_end_epochs
@@ -151,7 +152,8 @@ def _build_trainer(cfg: DictConfig, run_dir: Path) -> _Watch:
     reductions, lr_trace = PlateauReductionLog(), LRTrace()
     interrupted, throughput = InterruptSeen(), TrainThroughput()
     callbacks = [*instantiate_named("callbacks", cfg.get("callbacks")), reductions, lr_trace,
-                 NonFiniteLossStop(run_dir / "checkpoints"), RNGStateCheckpoint(), interrupted, throughput]
+                 NonFiniteLossStop(run_dir / "checkpoints"), RNGStateCheckpoint(), interrupted, throughput,
+                 ValidateAtLastStep()]
     snapshots = None
     if cfg.ensemble.snapshots:
         epochs = cycle_end_epochs(cfg.scheduler.cycle_epochs, cfg.scheduler.cycle_mult, cfg.trainer.max_epochs)

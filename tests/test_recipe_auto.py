@@ -73,7 +73,7 @@ def test_large_data_trains_for_a_step_budget_not_whole_epochs():
     assert step_budget_rule(60000, "cpu", RULES, 64, 64)[1] == 469
 
 
-def test_a_step_budget_run_ends_at_its_step_annealed_and_validated_once(tmp_path: Path):
+def test_a_step_budget_run_ends_at_its_step_annealed_and_validated_there(tmp_path: Path):
     """The budget rule on a folder too large for its (tiny) budget: the run stops at the chosen step inside the
     first epoch, one-cycle reaches its end there, and the one validation check comes at that step."""
     import torch
@@ -85,8 +85,7 @@ def test_a_step_budget_run_ends_at_its_step_annealed_and_validated_once(tmp_path
     chosen = {c["key"]: c for c in json.loads((run / "recipe.json").read_text())["choices"]}
     # 5 images at 64 px = 20 at 32 px; 3 passes over 144 images is over 3 budgets: 60 images = 8 steps of 8
     assert chosen["trainer.max_steps"]["value"] == 8 and chosen["trainer.max_epochs"]["value"] == 1
-    assert chosen["trainer.val_check_interval"]["value"] == 8 and chosen["trainer.check_val_every_n_epoch"][
-        "value"] is None
+    assert "trainer.val_check_interval" not in chosen  # annealed: validated at the last step (ValidateAtLastStep)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 8 and ckpt["epoch"] == 0  # stopped inside the first epoch (18 batches)
     scheduler = ckpt["lr_schedulers"][0]
@@ -97,6 +96,25 @@ def test_a_step_budget_run_ends_at_its_step_annealed_and_validated_once(tmp_path
     fit_checks = [r["step"] for r in rows if r["val/acc"] and r["epoch"] == "0"]
     assert fit_checks == ["7"]  # one check, after the 8th (last) step; then the scoring pass
     assert json.loads((run / "metrics.json").read_text())["val/acc"] >= 0
+
+
+def test_a_plateau_rule_on_a_step_budget_gets_checks_counted_in_steps(tmp_path: Path):
+    root = image_folders(tmp_path / "imgs", 60)
+    cfg, decision = _auto(root, "scheduler.patience=3", "recipe.budget=5", "data.image_size=32", "data.batch_size=8")
+    chosen = {c.key: c.value for c in decision.choices}
+    assert chosen["trainer.max_steps"] == 8 and chosen["trainer.val_check_interval"] == 1  # 8 checks in 8 steps
+    assert cfg.trainer.check_val_every_n_epoch is None and "early_stopping" in cfg.callbacks
+
+
+def test_a_run_cut_by_max_steps_inside_an_epoch_is_validated_at_its_end(class_folders: Path, tmp_path: Path):
+    """recipe=off with trainer.max_steps shorter than an epoch: Lightning alone ends without validating, and
+    early stopping then failed on the missing val/acc; the run is now validated at its last step."""
+    run = tmp_path / "run"
+    result = run_cli("finetune", f"data.root={class_folders}", f"run_dir={run}", "policy=full", *FAST,
+                     "trainer.max_steps=2", cwd=tmp_path)  # 3 batches per epoch
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "val/acc" in metrics and (run / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_input_gives_way_to_enough_passes_on_a_cpu_budget():

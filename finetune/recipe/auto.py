@@ -283,7 +283,8 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
     # The flip rule only adds a flip to runs of augment_min_epochs or more: a shorter run skips its probe
     decision.wants_flip_probe = not given("augment") and epochs >= int(rules["augment_min_epochs"])
     schedule = str(rules["scheduler"])
-    choose("scheduler", schedule, f"the run's length is known ({epochs} epochs), so the LR follows a {schedule} "
+    length = f"{steps:,} steps" if steps else f"{epochs} epochs"
+    choose("scheduler", schedule, f"the run's length is known ({length}), so the LR follows a {schedule} "
                                   f"schedule to a small final value instead of waiting for plateaus that a short "
                                   f"run rarely reaches (Fashion-MNIST 50/class: plateau 0.843, plateau checked 4x "
                                   f"per epoch with a final anneal 0.838, cosine 0.856, one-cycle 0.863)")
@@ -296,16 +297,12 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
                                              "augmentation (random crops and flips slow convergence)")
     choose("model.channels_last", True, "NHWC memory layout: the same results 1.3x faster on a CPU (BENCHMARKS.md), "
                                         "and the layout convolutions run fastest in on GPUs")
-    if steps is not None:
-        plateau = not ends_annealed  # a plateau rule (yours) looks after each check: it needs several
-        checks = int(rules["step_budget_checks"]["plateau" if plateau else "anneal"])
+    if steps is not None and planned["_target_"].endswith("ReduceLROnPlateau"):  # yours: it needs several checks
+        checks = int(rules["step_budget_checks"])
         every = max(1, steps // checks)
         choose("trainer.check_val_every_n_epoch", None, "validation is counted in steps (below), not epochs")
-        choose("trainer.val_check_interval", every,
-               f"validate every {every:,} steps ({checks} check{'s' if checks > 1 else ''} in the run): "
-               + ("the plateau rule looks after each check" if plateau else
-                  "the annealed schedule scores the end of the run, so one check there; a pass over the "
-                  "validation images per epoch-sized stretch would cost more than it tells"))
+        choose("trainer.val_check_interval", every, f"validate every {every:,} steps ({checks} checks in the run): "
+                                                    f"the plateau rule looks after each check")
     elif values.get("data.val_fraction") == 0.0 and epochs > 1:
         choose("trainer.check_val_every_n_epoch", epochs, "no validation split: the training images are scored once, "
                                                           "after the last epoch, not after every epoch (a curve of "

@@ -264,3 +264,16 @@ class RNGStateCheckpoint(Callback):
         transform = self._train_transform(trainer)
         if transform is not None and checkpoint.get("finetune_augmentation_rng"):
             set_augmentation_rng_state(transform, checkpoint["finetune_augmentation_rng"])
+
+
+class ValidateAtLastStep(Callback):
+    """A run that ends at ``trainer.max_steps`` inside an epoch is validated there. Lightning validates at
+    epoch ends (or every ``val_check_interval``) and stops at max_steps without a check, so a step budget
+    shorter than an epoch would end with no val/* at all: early stopping and best.ckpt fail on the missing
+    key and the scored weights go unmeasured. Asking the trainer to stop at that step makes Lightning run
+    its validation first (it validates when ``should_stop`` is set)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step and trainer.limit_val_batches != 0:
+            trainer.should_stop = True
