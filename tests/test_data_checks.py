@@ -126,8 +126,8 @@ def test_one_file_in_two_class_folders_through_a_symlink_is_a_label_conflict(tmp
 # --------------------------------------------------------------------------- item 8: the check's cache
 
 
-def _cached() -> dict:
-    return json.loads(cache_path().read_text())["files"]
+def _cached(paths: list[str]) -> dict:
+    return json.loads(cache_path(paths).read_text())["files"]
 
 
 def test_cache_never_keeps_a_read_failure_and_checks_the_fixed_file_again(tmp_path):
@@ -142,7 +142,7 @@ def test_cache_never_keeps_a_read_failure_and_checks_the_fixed_file_again(tmp_pa
         results[str(folder_named_png)]["kind"] == "unreadable" and "folder" in results[str(folder_named_png)]["detail"]
     )
     assert results[str(dangling)]["kind"] == "dangling_symlink"
-    assert set(_cached()) == {str(good)}  # a failure to open says nothing about bytes: never cached
+    assert set(_cached(paths)) == {str(good)}  # a failure to open says nothing about bytes: never cached
 
     folder_named_png.rmdir()
     shutil.copy(good, folder_named_png)  # the user fixes both
@@ -150,6 +150,20 @@ def test_cache_never_keeps_a_read_failure_and_checks_the_fixed_file_again(tmp_pa
     shutil.copy(good, dangling)
     results, from_cache = check_files(paths)
     assert from_cache == 1 and all(results[p]["kind"] is None for p in paths)
+
+
+def test_each_data_set_has_its_own_cache_holding_only_its_files(tmp_path):
+    """A single cache for every set ever checked grew without end and was read whole by each run."""
+    first = [str(p) for p in write_images(tmp_path / "a" / "circle", "circle", 3, seed=0)]
+    second = [str(p) for p in write_images(tmp_path / "b" / "square", "square", 2, seed=1)]
+    check_files(first)
+    check_files(second)
+    assert cache_path(first) != cache_path(second)
+    assert set(_cached(first)) == set(first) and set(_cached(second)) == set(second)
+    Path(first[0]).unlink()  # gone from the set: gone from its cache at the next write
+    extra = str(write_images(tmp_path / "a" / "circle", "circle", 4, seed=2)[-1])
+    check_files([*first[1:], extra])
+    assert set(_cached([*first[1:], extra])) == {*first[1:], extra}
 
 
 def test_cache_does_not_trust_a_file_rewritten_with_its_old_size_and_mtime(tmp_path):

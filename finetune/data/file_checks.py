@@ -1,5 +1,9 @@
 """Check one image file (read once, fully decoded, hashed), in threads, with the results cached by path, size,
-mtime, inode and ctime in ``~/.cache/finetune/file_checks.json`` so a rerun on the same data is instant."""
+mtime, inode and ctime so a rerun on the same data is instant.
+
+One cache file per data set (``~/.cache/finetune/file_checks/<hash of the files' common folder>.json``), holding
+only that set's files: a single file for every set ever checked grew without end and was read whole by every
+run (485k entries, 114 MB of JSON, +350 MB of memory for a run on 60k images after a 300k-image one)."""
 
 from __future__ import annotations
 
@@ -24,9 +28,11 @@ BAD_KINDS = ("zero_byte", "not_image", "truncated", "corrupt", "too_small", "unr
 CACHE_VERSION = 2  # 2: keys hold inode and ctime; read failures are not cached
 
 
-def cache_path() -> Path:
+def cache_path(paths: list[str]) -> Path:
+    """The cache file of the data set these paths belong to (keyed by their common folder)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "finetune" / "file_checks.json"
+    folder = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else ""
+    return Path(base) / "finetune" / "file_checks" / f"{hashlib.sha1(folder.encode()).hexdigest()[:20]}.json"
 
 
 def _cache_key(st: os.stat_result) -> str:
@@ -100,7 +106,7 @@ def check_files(paths: list[str], workers: int | None = None) -> tuple[dict[str,
 
     Only results decoded from bytes that were read are cached (keyed by size, mtime, inode and ctime);
     a file that could not be opened (permissions, a dangling link, I/O errors) is checked again next time."""
-    store = cache_path()
+    store = cache_path(paths)
     cache = _load_cache(store)
     results, todo = {}, []
     for path in paths:
@@ -121,6 +127,7 @@ def check_files(paths: list[str], workers: int | None = None) -> tuple[dict[str,
             else:
                 cache[path] = {"key": key, "result": result}
     if todo:
+        cache = {path: cache[path] for path in paths if path in cache}  # this set's files only: files gone, gone
         try:
             write_text(store, json.dumps({"version": CACHE_VERSION, "files": cache}))
         except OSError as e:  # a read-only home must not stop training
