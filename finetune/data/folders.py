@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -20,15 +21,29 @@ SPLIT_ALIASES = {
 }
 
 
-def entries(folder: Path) -> list[Path]:
-    """The entries of ``folder``, sorted; a folder that cannot be listed is an error naming it (not "no images")."""
+def dir_entries(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder`` sorted by name, as ``os.DirEntry`` (their type comes with the listing: no stat
+    per file, which on 300k files was seconds); a folder that cannot be listed is an error naming it."""
     try:
-        return sorted(folder.iterdir())
+        with os.scandir(folder) as found:
+            return sorted(found, key=lambda e: e.name)
     except OSError as e:
         raise FinetuneError(
             f"Folder {folder} cannot be read ({e.strerror or type(e).__name__}"
             f"{f', errno {e.errno}' if e.errno else ''}). Make it readable (e.g. chmod -R u+rX) or remove it."
         ) from None
+
+
+def entries(folder: Path) -> list[Path]:
+    """The entries of ``folder``, sorted; a folder that cannot be listed is an error naming it (not "no images")."""
+    return [folder / e.name for e in dir_entries(folder)]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows a symlink, like Path.is_dir
+    except OSError:
+        return False
 
 
 def list_images(path: Path) -> tuple[list[Path], list[Path]]:
@@ -41,18 +56,32 @@ def list_images(path: Path) -> tuple[list[Path], list[Path]]:
     other: list[Path] = []
 
     def walk(folder: Path, ancestors: frozenset[str]) -> None:
-        for p in entries(folder):
-            if p.is_dir():
+        for entry in dir_entries(folder):
+            p = folder / entry.name
+            if _is_dir(entry):
                 real = os.path.realpath(p)
                 if real in ancestors:
                     log.warning("Not following %s: it links back to %s, which is already being scanned.", p, real)
                     continue
                 walk(p, ancestors | {real})
-            elif not p.name.startswith("."):
+            elif not entry.name.startswith("."):
                 (images if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
 
     walk(path, frozenset({os.path.realpath(path)}))
-    return sorted(images), sorted(other)
+    return images, other  # in path order already: a depth-first walk of name-sorted folders
+
+
+def absolute_in(folder: Path) -> Callable[[Path], str]:
+    """:func:`absolute` for the files of one folder: the folder is resolved once and a file that is not a
+    symlink is joined to it (resolving each of 300k files took 15 s)."""
+    real = os.path.realpath(folder)
+
+    def resolved(p: Path) -> str:
+        if p.parent == folder and not p.is_symlink():
+            return os.path.join(real, p.name)
+        return absolute(p)
+
+    return resolved
 
 
 def absolute(p: Path) -> str:
@@ -108,7 +137,8 @@ def scan_class_folders(folder: Path, key: str, classes: list[str] | None, ignore
                 f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))}). "
                 f"Add images to it or remove the folder."
             )
-        pairs.extend((absolute(p), name) for p in images)
+        resolved = absolute_in(class_dir)
+        pairs.extend((resolved(p), name) for p in images)
     return pairs
 
 
