@@ -1,7 +1,8 @@
 """The benchmark datasets, written once as image folders (``train/``, ``val/``, ``test/``).
 
-- ``fmnist-10``, ``fmnist-50``, ``fmnist-200``, ``fmnist-1000``: real Fashion-MNIST
-  (``scripts/make_demo_data.py``), 10 / 50 / 200 / 1000 training images per class; the same 10
+- ``fmnist-10``, ``fmnist-50``, ``fmnist-200``, ``fmnist-1000``, ``fmnist-6k``: real Fashion-MNIST
+  (``scripts/make_demo_data.py``), 10 / 50 / 200 / 1000 / 5990 (the whole training file less the 10
+  validation images) training images per class; the same 10
   validation and 200 test images per class in all four (the test draw does not depend on the training
   size: make_demo_data draws it from the official test file with a fixed seed).
 - ``fmnist-longtail``, ``glyphs-longtail``: fmnist-200's / glyphs-all's training images cut to a long tail
@@ -32,7 +33,7 @@ except ImportError:  # imported as scripts.bench.datasets
     from .real_sets import write as write_real
 
 REPO = Path(__file__).resolve().parents[2]
-FMNIST_SIZES = {"fmnist-10": 10, "fmnist-50": 50, "fmnist-200": 200, "fmnist-1000": 1000}
+FMNIST_SIZES = {"fmnist-10": 10, "fmnist-50": 50, "fmnist-200": 200, "fmnist-1000": 1000, "fmnist-6k": 5990}
 
 
 def _write_fmnist(out: Path, per_class: int) -> None:
