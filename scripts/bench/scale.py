@@ -177,6 +177,44 @@ def _ratio(rows: dict, ours: str, theirs: str) -> dict:
             "median": round(statistics.median(mine) / statistics.median(other), 3)}
 
 
+STREAMED = "finetune, streaming"
+PLAIN_STREAMED = "plain loop, streaming (ImageFolder)"
+IN_MEMORY, PLAIN_IN_MEMORY = "finetune, in memory", "plain loop, in memory"
+
+
+def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: int = 3, log=print) -> dict:
+    """Every contender, `rounds` alternating rounds of the two pairs, then the 5x set once (the suite's entry)."""
+    steps = steps or (40 if quick else 150)
+    base, many = make_sets(data, 600 if quick else 5990)
+    workers = min(4, max(1, (os.cpu_count() or 2) - 1))  # finetune's num_workers=auto for streamed data
+    pairs = [
+        (IN_MEMORY, lambda: run_finetune(base, steps, stream=False)),
+        (PLAIN_IN_MEMORY, lambda: run_plain(base, steps, stream=False, workers=0)),
+        (STREAMED, lambda: run_finetune(base, steps, stream=True)),
+        (PLAIN_STREAMED, lambda: run_plain(base, steps, stream=True, workers=workers)),
+    ]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in pairs}
+    for r in range(rounds):  # alternating, so a slow spell of the shared machine hits both sides
+        for name, run in pairs:
+            runs[name].append(run())
+            log(f"scale round {r + 1}, {name}: {runs[name][-1]['images_per_s']} images/s")
+    # The fastest round of each (interference on a shared machine only ever slows a run), with every round's
+    rows = {name: {**max(done, key=lambda d: d["images_per_s"]),
+                   "rounds_images_per_s": [d["images_per_s"] for d in done]} for name, done in runs.items()}
+    rows[f"{STREAMED}, {many.name}"] = run_finetune(many, steps, stream=True)
+    log(f"scale {many.name}: {rows[f'{STREAMED}, {many.name}']}")
+    train_files = sum(1 for _ in (base / "train").rglob("*.png"))
+    return {
+        "set": base.name, "many_set": many.name, "train_files": train_files,
+        "many_files": train_files * len(SIZES_X5), "steps": steps, "batch": BATCH, "image_size": SIZE,
+        "cpus": os.cpu_count(), "rounds": rounds, "rows": rows, "timm_train": TIMM_SKIPPED,
+        "ratio_in_memory": _ratio(rows, IN_MEMORY, PLAIN_IN_MEMORY),
+        "ratio_streaming": _ratio(rows, STREAMED, PLAIN_STREAMED),
+        "rss_many_over_base": round(rows[f"{STREAMED}, {many.name}"]["peak_rss_gb"]["process"]
+                                    / rows[STREAMED]["peak_rss_gb"]["process"], 3),
+    }
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--plain":
         _, _, root, steps, stream, workers = sys.argv
@@ -189,36 +227,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO / "data" / "bench")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    steps = args.steps or (40 if args.quick else 150)
-    base, many = make_sets(args.data, 600 if args.quick else 5990)
-    workers = min(4, max(1, (os.cpu_count() or 2) - 1))  # finetune's num_workers=auto for streamed data
-    pairs = [
-        ("finetune, in memory", lambda: run_finetune(base, steps, stream=False)),
-        ("plain loop, in memory", lambda: run_plain(base, steps, stream=False, workers=0)),
-        ("finetune, streaming", lambda: run_finetune(base, steps, stream=True)),
-        ("plain loop, streaming (ImageFolder)", lambda: run_plain(base, steps, stream=True, workers=workers)),
-    ]
-    runs: dict[str, list[dict]] = {name: [] for name, _ in pairs}
-    for r in range(args.rounds):  # alternating, so a slow spell of the shared machine hits both sides
-        for name, run in pairs:
-            runs[name].append(run())
-            print(f"round {r + 1}, {name}: {json.dumps(runs[name][-1])}", flush=True)
-    # The fastest round of each (interference on a shared machine only ever slows a run), with every round's
-    rows = {name: {**max(done, key=lambda d: d["images_per_s"]),
-                   "rounds_images_per_s": [d["images_per_s"] for d in done]} for name, done in runs.items()}
-    many_name = f"finetune, streaming, {many.name}"
-    rows[many_name] = run_finetune(many, steps, stream=True)
-    print(f"{many_name}: {json.dumps(rows[many_name])}", flush=True)
-    rows["timm train.py"] = {"skipped": TIMM_SKIPPED}
-    train_files = sum(1 for _ in (base / "train").rglob("*.png"))
-    result = {
-        "set": base.name, "train_files": train_files, "x5_files": train_files * len(SIZES_X5), "steps": steps,
-        "batch": BATCH, "image_size": SIZE, "cpus": os.cpu_count(),
-        "rows": rows,
-        "rounds": args.rounds,
-        "ratio_in_memory": _ratio(rows, "finetune, in memory", "plain loop, in memory"),
-        "ratio_streaming": _ratio(rows, "finetune, streaming", "plain loop, streaming (ImageFolder)"),
-    }
+    result = measure(args.data, args.quick, args.steps, args.rounds)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -1,5 +1,5 @@
-"""Every benchmark of BENCHMARKS.md in one run: loader speed, feature cache, training-loop overhead,
-then accuracy: zero-config against every policy with the hand recipe. Writes bench_results/*.json and
+"""Every benchmark of BENCHMARKS.md in one run: loader speed, feature cache, training-loop overhead, large-data
+throughput and memory (scale.py), then accuracy: zero-config against every policy with the hand recipe. Writes bench_results/*.json and
 rewrites the generated part of BENCHMARKS.md.
 
     .venv/bin/python scripts/bench/suite.py [--quick] [--accuracy-only] [--no-write]
@@ -9,8 +9,8 @@ out to save time: `accuracy.py --policies ... scratch` runs it), overhead over 2
 --quick: seed 0, two datasets (fmnist-10, stamps), three columns (zero-config, linear_probe, full; no
 scratch), a small budget (recipe.budget=500), one round of everything (~5 min): a smoke run of the same
 code, whose numbers are too few to judge the accuracy goals (the summary says so).
---accuracy-only: only the accuracy part; BENCHMARKS.md keeps the overhead, cache and loader sections of
-its previous generated part (said so there).
+--accuracy-only: only the accuracy part; BENCHMARKS.md keeps the overhead, cache, loader and large-data
+sections of its previous generated part (said so there).
 --sets A B [--policies ...] --keep-rows OLD.json (with --accuracy-only): rerun only these cells of the accuracy
 table and carry every other (row, column) over from a previous results file of the same seeds and budget (the
 table says which and from which run): for a change that can only move some cells.
@@ -36,15 +36,16 @@ import feature_cache
 import loader
 import overhead
 import render
+import scale
 
 FULL_SETS = ["fmnist-10", "fmnist-50", "fmnist-200", "digits", "stamps", "emoji-objects", "glyphs"]
 FULL_POLICIES = [accuracy.ZERO, "auto", "linear_probe", "stage_probe", "partial", "full", "lp_ft", "gradual"]
 MODES = {
     "full": {"loader": {"sizes": [64, 224], "images": 200, "rounds": 3},
-             "cache": "fmnist-200", "overhead": {"set": "fmnist-50", "rounds": 2},
+             "cache": "fmnist-200", "overhead": {"set": "fmnist-50", "rounds": 2}, "scale": {"rounds": 2},
              "accuracy": {"sets": FULL_SETS, "seeds": [0, 1, 2], "policies": FULL_POLICIES, "budget": None}},
     "quick": {"loader": {"sizes": [64], "images": 60, "rounds": 1},
-              "cache": "fmnist-200", "overhead": {"set": "fmnist-50", "rounds": 1},
+              "cache": "fmnist-200", "overhead": {"set": "fmnist-50", "rounds": 1}, "scale": {"rounds": 1},
               "accuracy": {"sets": ["fmnist-10", "stamps"], "seeds": [0],
                            "policies": [accuracy.ZERO, "linear_probe", "full"], "budget": 500}},
 }
@@ -136,6 +137,9 @@ def main() -> None:
         results["cache"] = feature_cache.measure(str(data[plan["cache"]]), log=log)
         results["overhead"] = overhead.measure(str(data[plan["overhead"]["set"]]), plan["overhead"]["rounds"],
                                                log=log)
+        results["scale"] = scale.measure(datasets.REPO / "data" / "bench", quick=mode == "quick",
+                                         rounds=plan["scale"]["rounds"], log=log) | {
+            k: results["environment"][k] for k in ("date", "commit")}
     a = plan["accuracy"]
     budget = args.budget if args.budget is not None else a["budget"]
     results["accuracy"] = accuracy.run_all(args.sets or a["sets"], args.seeds or a["seeds"],
