@@ -128,6 +128,7 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("recipe.shrink_max", lambda v: _number(v, 0, 1, open_lo=True), "must be a fraction in (0, 1]"),
     ("recipe.max_stretch", lambda v: _number(v, 1), "must be a factor >= 1 (budgets a large-data run may see)"),
     ("recipe.step_budget_checks", lambda v: _whole(v, 1), "must be a whole number of validation checks >= 1"),
+    ("recipe.step_budget_saves", lambda v: _whole(v, 1), "must be a whole number of last.ckpt saves >= 1"),
     *((f"recipe.upsample.{d}", lambda v: _number(v, 1), "must be a factor >= 1") for d in ("cpu", "gpu")),
     *((f"recipe.lr.{d}", lambda v: _number(v, 0, open_lo=True), "must be a learning rate > 0")
       for d in ("near", "far")),

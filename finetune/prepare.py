@@ -99,7 +99,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularizati
     use_cache, cache_note, head_solver = feature_cache_plan(cfg, policy_cfg, plan, augment, regularization)
     module, data, mixer, imbalance = build_module(
         cfg, policy_cfg, net, spec, index, preprocessing, plan, stage_map, augment, regularization,
-        use_cache=use_cache, head_solver=head_solver, no_validation=no_validation, resume=resume)
+        use_cache=use_cache, head_solver=head_solver, no_validation=no_validation, resume=resume, trainer=trainer)
     trainable, frozen = count_parameters(module)
     record = choice.record() | {
         "parameters": {"trainable": trainable, "frozen": frozen, "per_group": stage_map.parameter_counts(net)},
@@ -138,8 +138,9 @@ def policy_choice(cfg: DictConfig, policy_cfg: dict[str, Any], run_dir: Path, re
 
 def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, preprocessing, plan, stage_map,
                  augment: dict[str, Any] | None, regularization: Regularization, *, use_cache: bool, head_solver: str,
-                 no_validation: str | None, resume: str | None):
-    """(LightningModule, the datamodule fit runs on, the batch mixer or None, the imbalance choice)."""
+                 no_validation: str | None, resume: str | None, trainer: L.Trainer):
+    """(LightningModule, the datamodule fit runs on, the batch mixer or None, the imbalance choice); ``trainer``
+    says where the steps run (loader workers follow it)."""
     imbalance = choose_imbalance(cfg.loss.class_weights, cfg.data.sampler, [y for _, y in index.splits["train"]],
                                  index.classes, float(cfg.data.imbalance_ratio))
     log.info("Class balance: %s%s", imbalance.reason,
@@ -158,6 +159,8 @@ def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, 
         seed=int(cfg.seed),
         on_bad_file=str(cfg.data.on_bad_file),  # a file that fails after the data check: skipped or an error
         sampler=imbalance.sampler,
+        on_gpu=trainer.strategy.root_device.type == "cuda",
+        processes_per_machine=trainer.num_devices,
     )
     optimizer, scheduler, scheduler_options = build_optimizer_and_scheduler(cfg)
     mixer = build_batch_mixer(augment, len(index.classes))  # MixUp / CutMix mix images: not cached features

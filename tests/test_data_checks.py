@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLASSES, write_csv, write_images
+from conftest import CLASSES, image_folders, write_csv, write_images
 
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.datasets import scan_dataset
@@ -336,3 +336,19 @@ def test_labels_that_differ_only_in_case_or_spacing_are_reported(tmp_path):
     _, report = validate_dataset(index)
     (similar,) = [p for p in report.problems if p["kind"] == "similar_class_names"]
     assert similar["classes"] == ["Cat", "cat_"]
+
+
+def test_loader_workers_follow_the_device_the_data_path_and_the_processes_sharing_the_cores(tmp_path, monkeypatch):
+    """data.num_workers=auto: a CPU step uses every core (preloaded images transform in-process, files stream
+    with a few workers); on a GPU the cores are free while it steps, so workers are used either way; DDP ranks
+    on one machine split its cores."""
+    index = scan_dataset(image_folders(tmp_path / "imgs", 2), 0.0)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+
+    def workers(preloaded: bool, **kw) -> int:
+        return ImageDataModule(index, PP, **kw)._resolve_workers(preloaded)
+
+    assert (workers(True), workers(False)) == (0, 4)
+    assert (workers(True, on_gpu=True), workers(False, on_gpu=True)) == (8, 8)
+    assert workers(True, on_gpu=True, processes_per_machine=4) == 3  # 16 cores / 4 ranks, one for the rank
+    assert workers(True, on_gpu=True, num_workers=2) == 2  # a number is kept

@@ -62,15 +62,15 @@ def test_training_length_follows_the_data_size_the_input_and_the_device():
 def test_large_data_trains_for_a_step_budget_not_whole_epochs():
     # 60k images: 3 passes would be 18x the CPU budget; the run sees 3 budgets (30k images) as steps
     epochs, steps, why = step_budget_rule(60000, "cpu", RULES, 64, 32)
-    assert (epochs, steps) == (1, 938) and "0.50 epochs" in why and "938 steps of 32 images" in why
+    assert (epochs, steps) == (1, 940) and "0.50 epochs" in why and "940 steps of 32 images" in why
     # Up to 3 budgets the floor of 3 whole passes holds (every benchmark set, fmnist-1000's 10k images included)
     assert step_budget_rule(10000, "cpu", RULES, 64, 32) is None
-    assert step_budget_rule(12000, "cpu", RULES, 64, 32)[:2] == (3, 938)  # 2.5 epochs: the bound is 3
+    assert step_budget_rule(12000, "cpu", RULES, 64, 32)[:2] == (3, 940)  # 2.5 epochs: the bound is 3
     # A larger input costs its area; a GPU's budget is larger; a larger global batch takes fewer steps
-    assert step_budget_rule(60000, "cpu", RULES, 128, 32)[1] == 235
+    assert step_budget_rule(60000, "cpu", RULES, 128, 32)[1] == 240
     assert step_budget_rule(60000, "gpu", RULES, 64, 32) is None  # 1.5M images: 3 passes fit the GPU's
-    assert step_budget_rule(1_000_000, "gpu", RULES, 224, 256)[1] == 479
-    assert step_budget_rule(60000, "cpu", RULES, 64, 64)[1] == 469
+    assert step_budget_rule(1_000_000, "gpu", RULES, 224, 256)[1] == 480
+    assert step_budget_rule(60000, "cpu", RULES, 64, 64)[1] == 470
 
 
 def test_a_step_budget_run_ends_at_its_step_annealed_and_validated_there(tmp_path: Path):
@@ -83,18 +83,19 @@ def test_a_step_budget_run_ends_at_its_step_annealed_and_validated_there(tmp_pat
                      "policy=full", *AUTO_FAST, "data.image_size=32", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     chosen = {c["key"]: c for c in json.loads((run / "recipe.json").read_text())["choices"]}
-    # 5 images at 64 px = 20 at 32 px; 3 passes over 144 images is over 3 budgets: 60 images = 8 steps of 8
-    assert chosen["trainer.max_steps"]["value"] == 8 and chosen["trainer.max_epochs"]["value"] == 1
+    # 5 images at 64 px = 20 at 32 px; 3 passes over 144 images is over 3 budgets: 60 images = 7.5 steps of 8,
+    # rounded up to a multiple of the 10 saves of last.ckpt
+    assert chosen["trainer.max_steps"]["value"] == 10 and chosen["trainer.max_epochs"]["value"] == 1
     assert "trainer.val_check_interval" not in chosen  # annealed: validated at the last step (ValidateAtLastStep)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 8 and ckpt["epoch"] == 0  # stopped inside the first epoch (18 batches)
+    assert ckpt["global_step"] == 10 and ckpt["epoch"] == 0  # stopped inside the first epoch (18 batches)
     scheduler = ckpt["lr_schedulers"][0]
-    assert scheduler["last_epoch"] == 8 and scheduler["total_steps"] == 8  # the cycle spans exactly the run
+    assert scheduler["last_epoch"] == 10 and scheduler["total_steps"] == 10  # the cycle spans exactly the run
     import csv
 
     rows = list(csv.DictReader(next((run / "logs").rglob("metrics.csv")).open()))
     fit_checks = [r["step"] for r in rows if r["val/acc"] and r["epoch"] == "0"]
-    assert fit_checks == ["7"]  # one check, after the 8th (last) step; then the scoring pass
+    assert fit_checks == ["9"]  # one check, after the 10th (last) step; then the scoring pass
     assert json.loads((run / "metrics.json").read_text())["val/acc"] >= 0
 
 
@@ -102,7 +103,7 @@ def test_a_plateau_rule_on_a_step_budget_gets_checks_counted_in_steps(tmp_path: 
     root = image_folders(tmp_path / "imgs", 60)
     cfg, decision = _auto(root, "scheduler.patience=3", "recipe.budget=5", "data.image_size=32", "data.batch_size=8")
     chosen = {c.key: c.value for c in decision.choices}
-    assert chosen["trainer.max_steps"] == 8 and chosen["trainer.val_check_interval"] == 1  # 8 checks in 8 steps
+    assert chosen["trainer.max_steps"] == 10 and chosen["trainer.val_check_interval"] == 1  # 8 checks: every step
     assert cfg.trainer.check_val_every_n_epoch is None and "early_stopping" in cfg.callbacks
 
 

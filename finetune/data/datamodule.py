@@ -177,8 +177,12 @@ class ImageDataModule(L.LightningDataModule):
         seed: int | None = None,
         on_bad_file: str = "skip",
         sampler: str = "uniform",
+        on_gpu: bool = False,
+        processes_per_machine: int = 1,
     ):
         super().__init__()
+        self.on_gpu = on_gpu  # the training steps run on a GPU: the CPU is free for loader workers meanwhile
+        self.processes_per_machine = max(1, processes_per_machine)  # DDP ranks sharing this machine's cores
         self.sampler = sampler  # data.sampler: uniform | balanced (finetune/data/imbalance.py)
         self.on_bad_file = on_bad_file  # data.on_bad_file, for a file that fails after the data check passed it
         self.index = index
@@ -224,10 +228,17 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def _resolve_workers(self, preloaded: bool) -> int:
+        """data.num_workers=auto. On a CPU the training step uses every core, so preloaded images are transformed
+        in-process (faster than crossing a worker's queue) and streamed files get a few workers. On a GPU the
+        cores are idle while the GPU steps, and decoding and augmentation are CPU work: the GPU waited on the
+        loader with 0 workers (173 images/s at 224 px on an H200, BENCHMARKS.md), so workers take this process's
+        share of the cores, preloaded or not."""
         if self.num_workers_cfg != "auto":
             return int(self.num_workers_cfg)
-        # Preloaded small images transform faster in-process than they cross a worker's queue.
-        return 0 if preloaded else min(4, max(1, (os.cpu_count() or 2) - 1))
+        share = max(1, (os.cpu_count() or 2) // self.processes_per_machine - 1)
+        if self.on_gpu:
+            return min(8, share)
+        return 0 if preloaded else min(4, share)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets[split]

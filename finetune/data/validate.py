@@ -3,8 +3,8 @@
 Each file is fully decoded (a truncated JPEG passes PIL's ``verify`` but fails ``load``), in threads,
 and hashed (data/file_checks.py); results are cached by path, size, mtime, inode and ctime in
 ``~/.cache/finetune/file_checks/``, one file per data set, so a rerun on the same data is instant (only results
-of bytes that were read: a file that could not be opened is checked again). Problems are reported by path in the log and in
-``RUN/data_report.json``; with ``data.on_bad_file=skip`` unreadable or too-small files are left out
+of bytes that were read: a file that could not be opened is checked again). Problems are reported by path in the
+log and in ``RUN/data_report.json``; with ``data.on_bad_file=skip`` unreadable or too-small files are left out
 (and listed), with ``error`` the first one stops the run. One image with several labels (the same path,
 or identical content) is contradictory training data and treated like a bad file. Duplicates, leakage
 across splits and imbalance are warnings: nothing the user gave is dropped for them (a path listed twice

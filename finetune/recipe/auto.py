@@ -210,12 +210,14 @@ def step_budget_rule(n_train: int, device: str, rules: Mapping[str, Any], size: 
     if n_train * lo <= budget * stretch:
         return None
     images = budget * stretch
-    steps = max(1, math.ceil(images / batch))
+    saves = int(rules["step_budget_saves"])  # a multiple of the saves: the last one falls on the last step
+    steps = saves * math.ceil(images / batch / saves)
     epochs = max(1, math.ceil(steps / max(1, n_train // batch)))
     why = (f"budget={rules['budget']}: {n_train:,} training images are too many for {lo} passes "
            f"({n_train * lo:,} images, more than {stretch:g}x the budget of {round(budget):,} at {size} px on "
            f"{device.upper()}): {steps:,} steps of {batch} images ({round(images):,} images, "
-           f"{images / n_train:.2f} epochs); a pretrained network adapts in a fraction of a pass over large data")
+           f"{images / n_train:.2f} epochs); a pretrained network adapts in a fraction of a pass over large data "
+           f"(recipe.budget=best, 4x, or a number of images trains longer)")
     return epochs, steps, why
 
 
@@ -297,6 +299,11 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
                                              "augmentation (random crops and flips slow convergence)")
     choose("model.channels_last", True, "NHWC memory layout: the same results 1.3x faster on a CPU (BENCHMARKS.md), "
                                         "and the layout convolutions run fastest in on GPUs")
+    if steps is not None and cfg.callbacks.get("last_checkpoint") is not None:
+        every = steps // int(rules["step_budget_saves"])
+        choose("callbacks.last_checkpoint.every_n_train_steps", every,
+               f"last.ckpt every {every:,} steps as well as at epoch ends: the run is a fraction of an epoch or a "
+               f"few, so a lost process or Ctrl-C resumes from there (finetune resume=RUN), not from the start")
     if steps is not None and planned["_target_"].endswith("ReduceLROnPlateau"):  # yours: it needs several checks
         checks = int(rules["step_budget_checks"])
         every = max(1, steps // checks)

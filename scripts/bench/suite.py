@@ -1,6 +1,6 @@
 """Every benchmark of BENCHMARKS.md in one run: loader speed, feature cache, training-loop overhead, large-data
-throughput and memory (scale.py), then accuracy: zero-config against every policy with the hand recipe. Writes bench_results/*.json and
-rewrites the generated part of BENCHMARKS.md.
+throughput and memory (scale.py), then accuracy: zero-config against every policy with the hand recipe.
+Writes bench_results/*.json and rewrites the generated part of BENCHMARKS.md.
 
     .venv/bin/python scripts/bench/suite.py [--quick] [--accuracy-only] [--no-write]
 
