@@ -348,14 +348,17 @@ class Model:
             yield names, torch.stack(tensors), errors
 
     def probabilities(self, images: Any, batch_size: int = 64) -> tuple[list[str], np.ndarray, list[str]]:
-        """(names, softmax probabilities [N, classes], errors: '' for a readable image)."""
+        """(names, softmax probabilities [N, classes], calibrated when the run fitted a temperature, errors: ''
+        for a readable image)."""
         import torch
 
-        module = self._loaded.module.eval()
+        from finetune.calibration import calibrated
+
+        module, temperature = self._loaded.module.eval(), self._loaded.temperature
         names, probs, errors = [], [], []
         with torch.inference_mode():
             for batch_names, batch, batch_errors in self._batches(images, batch_size):
-                probs.append(module(batch).softmax(-1).numpy())
+                probs.append(calibrated(module(batch).softmax(-1), temperature).numpy())
                 names += batch_names
                 errors += batch_errors
         return names, np.concatenate(probs), errors

@@ -120,6 +120,8 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("callbacks.early_stopping.patience", lambda v: _whole(v, 0), "must be a whole number of epochs >= 0"),
     ("callbacks.early_stopping.min_delta", lambda v: _number(v, 0), "must be a number >= 0"),
     ("recipe.name", lambda v: v in ("auto", "off"), "must be auto or off (recipe=auto|off)"),
+    ("calibrate", lambda v: str(v).lower() in ("auto", "true", "false"),
+     "must be auto (fit a temperature when there is a validation split), true or false"),
     ("recipe.budget", lambda v: v in ("fast", "best") or _whole(v, 1),
      "must be fast, best or a number of training images to see (e.g. recipe.budget=20000)"),
     *((f"recipe.{k}", lambda v: _whole(v, 1), "must be a whole number >= 1")

@@ -34,12 +34,14 @@ SUFFIX_FORMAT = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", "
 
 
 class DeployedClassifier(nn.Module):
-    """Raw RGB pixels -> normalised input -> network -> softmax probabilities."""
+    """Raw RGB pixels -> normalised input -> network -> logits / calibration temperature -> softmax."""
 
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], uint8: bool):
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], uint8: bool,
+                 temperature: float = 1.0):
         super().__init__()
         self.net = net
         self.uint8 = uint8
+        self.temperature = float(temperature)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -47,7 +49,7 @@ class DeployedClassifier(nn.Module):
         x = images.float()
         if self.uint8:
             x = x / 255.0
-        return self.net((x - self.mean) / self.std).softmax(dim=-1)
+        return (self.net((x - self.mean) / self.std) / self.temperature).softmax(dim=-1)
 
 
 def metadata(loaded: LoadedCheckpoint, dtype: str) -> dict[str, str]:
@@ -61,6 +63,7 @@ def metadata(loaded: LoadedCheckpoint, dtype: str) -> dict[str, str]:
                                       "note": ("resize the shorter side to size/crop_pct and centre-crop "
                                                "before feeding")}),
         "finetune.output": "softmax probabilities, one per class in finetune.classes order",
+        "finetune.temperature": json.dumps(loaded.temperature),  # the logits are divided by it (calibration)
     }
 
 
@@ -116,7 +119,7 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
     output = check_export_output(output, fmt, ckpt, overwrite)
     loaded = load_classifier(ckpt)
     pp = loaded.preprocessing
-    model = DeployedClassifier(loaded.module.net.eval(), pp.mean, pp.std, dtype == "uint8").eval()
+    model = DeployedClassifier(loaded.module.net.eval(), pp.mean, pp.std, dtype == "uint8", loaded.temperature).eval()
     size = loaded.preprocessing.image_size
     if check_images is None:
         generator = torch.Generator().manual_seed(0)

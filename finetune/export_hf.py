@@ -127,6 +127,18 @@ def model_card(loaded: LoadedCheckpoint, backbone: str, facts: dict[str, Any]) -
     return generate_readme(card, f"{backbone} fine-tuned ({len(loaded.classes)} classes)")
 
 
+def fold_temperature(net: torch.nn.Module, temperature: float) -> None:
+    """Divide the classifier's weights and bias by the calibration temperature: the folder's logits are then the
+    calibrated ones (logits / T), so plain timm's softmax gives the probabilities finetune-predict gives."""
+    if temperature == 1.0:
+        return
+    head = net.get_classifier()
+    with torch.no_grad():
+        head.weight.div_(temperature)
+        if head.bias is not None:
+            head.bias.div_(temperature)
+
+
 def export_hf(ckpt: str, output: Any, overwrite: bool = False) -> dict[str, Any]:
     """Write the folder (checked first: built in a temp folder, loaded back with timm alone, compared)."""
     from timm import create_model
@@ -135,12 +147,14 @@ def export_hf(ckpt: str, output: Any, overwrite: bool = False) -> dict[str, Any]
     path = check_hf_output(output, ckpt, overwrite)
     loaded = load_classifier(ckpt)
     net = _timm_network(loaded, ckpt)
+    fold_temperature(net, loaded.temperature)
     backbone = read_checkpoint(ckpt)[CHECKPOINT_KEY]["backbone"]
     size = loaded.preprocessing.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp:
-        save_for_hf(net, tmp, model_config={"label_names": list(loaded.classes)}, safe_serialization=True,
+        save_for_hf(net, tmp, model_config={"label_names": list(loaded.classes),
+                                            "finetune_temperature": loaded.temperature}, safe_serialization=True,
                     data_config=_data_config(loaded))
         (Path(tmp) / "README.md").write_text(model_card(loaded, backbone, _run_facts(ckpt)))
         rebuilt = create_model(f"local-dir:{tmp}", pretrained=True).eval()

@@ -108,3 +108,29 @@ def plot_wrong(samples: Sequence[tuple[str, int]], probs: np.ndarray, classes: S
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path, rows
+
+
+def plot_reliability(before: dict, after: dict, path: Path, title: str) -> Path:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, before and after
+    temperature scaling (a calibrated model lies on the diagonal); marker area follows the bin's images."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
+    for bins, name, colour in ((before, "before", "tab:red"), (after, "after", "tab:blue")):
+        points = [(c, a, n) for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["counts"]) if n]
+        if not points:
+            continue
+        total = sum(n for *_, n in points)
+        conf, acc, counts = zip(*points)
+        ax.plot(conf, acc, color=colour, linewidth=1, label=f"{name} (ECE {bins['ece']:.3f})")
+        ax.scatter(conf, acc, s=[10 + 300 * n / total for n in counts], color=colour, alpha=0.6)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

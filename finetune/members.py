@@ -13,6 +13,7 @@ import torch
 from omegaconf import ListConfig
 from torch.utils.data import DataLoader
 
+from finetune.calibration import calibrated
 from finetune.data.datamodule import ImageListDataset, decode_side
 from finetune.data.images import BadImageError
 from finetune.data.transforms import eval_transform
@@ -100,7 +101,8 @@ class _SkippingImages(ImageListDataset):
 def member_probabilities(members: Sequence[LoadedCheckpoint], samples: Sequence[tuple[str, int]], tta: Sequence[str],
                          batch_size: int, device: torch.device, num_workers: int = 0,
                          skipped: dict[str, str] | None = None) -> torch.Tensor:
-    """Softmax probabilities [members, images, classes], each averaged over the TTA views.
+    """Softmax probabilities [members, images, classes], each averaged over the TTA views and rescaled by the
+    member's calibration temperature.
 
     With ``skipped`` (a dict), unreadable images do not stop the pass: their rows are meaningless and
     ``skipped`` maps each one's path to why (as training's data check words it)."""
@@ -122,7 +124,7 @@ def member_probabilities(members: Sequence[LoadedCheckpoint], samples: Sequence[
                             skipped[samples[i][0]] = _why_unreadable(samples[i][0], error)
                 views = tta_batches(images.to(device), tta)
                 chunks.append(torch.stack([module(v).softmax(dim=-1) for v in views]).mean(0).cpu())
-        per_member.append(torch.cat(chunks))
+        per_member.append(calibrated(torch.cat(chunks), member.temperature))
     return torch.stack(per_member)
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from finetune.calibration import BINS
 from finetune.conf import preset
-from finetune.figures import plot_confusion, plot_curves, plot_wrong
+from finetune.figures import plot_confusion, plot_curves, plot_reliability, plot_wrong
 from finetune.recipe.auto import RECIPE_FILE
 from finetune.run_files import write_text
 
@@ -277,6 +278,31 @@ def _add_per_class(run_dir: Path, index, metrics: dict[str, Any], split_probs: d
                       int(scores["support"][i])] for i, c in enumerate(classes)])]
 
 
+def _add_calibration(run_dir: Path, metrics: dict[str, Any], blocks: list[Block], problems: list,
+                     files: dict[str, Any]) -> None:
+    """Temperature scaling: T, ECE and NLL before/after per split, and the reliability diagram (test, else val)."""
+    c = metrics.get("calibration") or {}
+    if "skipped" in c:
+        blocks += [("h", "Calibration"), ("p", f"Not calibrated: {c['skipped']}.")]
+        return
+    if "temperature" not in c:
+        return
+    split = "test" if "test" in c["reliability"] else "val"
+    with _section("reliability diagram", blocks, problems):
+        bins = c["reliability"][split]
+        files["reliability"] = plot_reliability(bins["before"], bins["after"], Path(run_dir) / "reliability.png",
+                                                f"{split} split, temperature {c['temperature']:.3f}")
+        blocks += [("h", "Calibration"),
+                   ("p", (f"Temperature scaling: the logits are divided by T = {c['temperature']:.3f}, fitted on "
+                         f"{c['fitted_on']} after training; predictions are unchanged, the probabilities of "
+                         f"finetune-eval, finetune-predict, load() and the exports are the calibrated ones. "
+                         f"ECE: expected calibration error ({BINS} confidence bins).")),
+                   ("img", files["reliability"], "reliability diagram"),
+                   ("table", ["split", "ECE before", "ECE after", "NLL before", "NLL after"],
+                    [[s, c[s]["ece_before"], c[s]["ece_after"], c[s]["nll_before"], c[s]["nll_after"]]
+                     for s in ("val", "test") if s in c])]
+
+
 def _add_wrong(run_dir: Path, index, split_probs: dict[str, np.ndarray], preprocessing, blocks: list[Block],
                problems: list, files: dict[str, Any]) -> None:
     if "val" not in split_probs:
@@ -306,6 +332,7 @@ def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[
     blocks += _recipe_blocks(run_dir, metrics, cfg)
     _add_curves(run_dir, metrics.get("lr_reductions") or [], blocks, problems, files)
     _add_per_class(run_dir, index, metrics, split_probs, blocks, problems, files)
+    _add_calibration(run_dir, metrics, blocks, problems, files)
     _add_wrong(run_dir, index, split_probs, preprocessing, blocks, problems, files)
 
     write_text(Path(run_dir) / "report.md", to_markdown(blocks))

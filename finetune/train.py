@@ -24,6 +24,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.calibration import calibrate_checkpoint
 from finetune.config import instantiate_named, validate_train_config
 from finetune.distributed import is_lost_process, lost_process_message, strategy_with_timeout
 from finetune.ensemble import train_ensemble
@@ -148,7 +149,7 @@ class _Watch:
 
 def _build_trainer(cfg: DictConfig, run_dir: Path) -> _Watch:
     """The Trainer with the configured logger and callbacks, plus the run's own (LR trace, plateau log,
-    non-finite loss stop, RNG state, Ctrl-C, snapshots)."""
+    non-finite loss stop, RNG state, Ctrl-C, throughput, validation at a max_steps end, snapshots)."""
     reductions, lr_trace = PlateauReductionLog(), LRTrace()
     interrupted, throughput = InterruptSeen(), TrainThroughput()
     callbacks = [*instantiate_named("callbacks", cfg.get("callbacks")), reductions, lr_trace,
@@ -267,8 +268,15 @@ def _score(cfg: DictConfig, run_dir: Path, watch: _Watch, run: Prepared, fit_sec
 
 def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, Any], scored: str | None,
             snapshot_paths: list[str], fit_seconds: float) -> None:
-    """Rank 0, after scoring: TTA and snapshot-ensemble scores, metrics.json, the report, the summary."""
+    """Rank 0, after scoring: calibration, TTA and snapshot-ensemble scores, metrics.json, the report, the
+    summary."""
     index, no_validation = run.index, run.no_validation
+    metrics["calibration"] = calibrate_checkpoint(str(cfg.calibrate).lower(), scored, index, cfg, no_validation)
+    if "temperature" in metrics["calibration"]:
+        c = metrics["calibration"]
+        log.info("Calibration: temperature %.3f fitted on %s; expected calibration error on val %.4f -> %.4f%s",
+                 c["temperature"], c["fitted_on"], c["val"]["ece_before"], c["val"]["ece_after"],
+                 f", on test {c['test']['ece_before']:.4f} -> {c['test']['ece_after']:.4f}" if "test" in c else "")
     if cfg.tta and scored:
         metrics["tta"] = {"views": list(cfg.tta), **flat(score_checkpoints([scored], index, list(cfg.tta), cfg))}
     if snapshot_paths:

@@ -27,6 +27,7 @@ class LoadedCheckpoint:
     classes: list[str]
     preprocessing: Preprocessing
     path: str
+    temperature: float = 1.0  # fitted on validation after training (finetune/calibration.py); 1: none
 
 
 def read_checkpoint(path: str | Path | None, key: str = "ckpt") -> dict[str, Any]:
@@ -90,4 +91,4 @@ def load_classifier(path: str | Path | None, key: str = "ckpt") -> LoadedCheckpo
     except RuntimeError as e:
         raise FinetuneError(f"{key}={path}: weights do not match {spec.name}: {str(e).splitlines()[0]}") from None
     module.eval()
-    return LoadedCheckpoint(module, module.classes, preprocessing, str(path))
+    return LoadedCheckpoint(module, module.classes, preprocessing, str(path), float(meta.get("temperature", 1.0)))

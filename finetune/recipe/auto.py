@@ -193,10 +193,11 @@ def global_batch(cfg: DictConfig) -> int:
     """Images per optimizer step: data.batch_size x accumulated batches x processes (devices x nodes when
     given as a number; "auto" counts as one)."""
     devices = cfg.trainer.get("devices")
-    processes = devices if isinstance(devices, int) and devices > 0 else len(devices) if OmegaConf.is_list(devices) \
-        else 1
-    return int(cfg.data.batch_size) * int(cfg.trainer.get("accumulate_grad_batches") or 1) * processes * int(
-        cfg.trainer.get("num_nodes") or 1)
+    if OmegaConf.is_list(devices):
+        devices = len(devices)
+    per_node = devices if isinstance(devices, int) and devices > 0 else 1
+    processes = per_node * int(cfg.trainer.get("num_nodes") or 1)
+    return int(cfg.data.batch_size) * int(cfg.trainer.get("accumulate_grad_batches") or 1) * processes
 
 
 def step_budget_rule(n_train: int, device: str, rules: Mapping[str, Any], size: int,
@@ -302,8 +303,9 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
     if steps is not None and cfg.callbacks.get("last_checkpoint") is not None:
         every = steps // int(rules["step_budget_saves"])
         choose("callbacks.last_checkpoint.every_n_train_steps", every,
-               f"last.ckpt every {every:,} steps as well as at epoch ends: the run is a fraction of an epoch or a "
-               f"few, so a lost process or Ctrl-C resumes from there (finetune resume=RUN), not from the start")
+               f"last.ckpt every {every:,} steps instead of at epoch ends (the last step is one of them): the run "
+               f"is a fraction of an epoch or a few, so a lost process or Ctrl-C resumes from there (finetune "
+               f"resume=RUN), not from the start")
     if steps is not None and planned["_target_"].endswith("ReduceLROnPlateau"):  # yours: it needs several checks
         checks = int(rules["step_budget_checks"])
         every = max(1, steps // checks)
