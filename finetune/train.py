@@ -24,7 +24,6 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.calibration import calibrate_checkpoint
 from finetune.config import instantiate_named, validate_train_config
 from finetune.distributed import is_lost_process, lost_process_message, strategy_with_timeout
 from finetune.ensemble import train_ensemble
@@ -54,7 +53,15 @@ from finetune.run_folder import (
     run_folder_lock,
     run_folder_of,
 )
-from finetune.scoring import checkpoint_to_score, flat, report_or_warning, score_checkpoints, summary, trainer_scores
+from finetune.scoring import (
+    calibrate_checkpoint,
+    checkpoint_to_score,
+    flat,
+    report_or_warning,
+    score_checkpoints,
+    summary,
+    trainer_scores,
+)
 from finetune.throughput import TrainThroughput, describe
 from finetune.trackers import close_trackers, log_run_files
 
@@ -272,6 +279,8 @@ def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, An
     summary."""
     index, no_validation = run.index, run.no_validation
     metrics["calibration"] = calibrate_checkpoint(str(cfg.calibrate).lower(), scored, index, cfg, no_validation)
+    if str(cfg.calibrate).lower() == "true" and "skipped" in metrics["calibration"]:
+        log.warning("calibrate=true, but the probabilities are not calibrated: %s.", metrics["calibration"]["skipped"])
     if "temperature" in metrics["calibration"]:
         c = metrics["calibration"]
         log.info("Calibration: temperature %.3f fitted on %s; expected calibration error on val %.4f -> %.4f%s",

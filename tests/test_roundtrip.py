@@ -56,7 +56,8 @@ def test_evaluate_reproduces_test_accuracy(trained, tmp_path):
     saved = json.loads((trained["run"] / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["images"] == 12
     assert abs(metrics["acc"] - saved["test/acc"]) <= 1e-6
-    assert abs(metrics["loss"] - saved["test/loss"]) <= 1e-4
+    # eval scores the calibrated probabilities (temperature fitted on val after training)
+    assert abs(metrics["loss"] - saved["calibration"]["test"]["nll_after"]) <= 1e-4
     assert json.loads((out / "eval_metrics.json").read_text()) == metrics
 
 
@@ -94,7 +95,7 @@ def test_predict_writes_topk_csv(trained, tmp_path):
     first = rows[0]
     x = ImageListDataset([(first["path"], -1)], eval_transform(loaded.preprocessing))[0][0]
     with torch.inference_mode():
-        p = loaded.module(x[None]).softmax(-1)[0]
+        p = (loaded.module(x[None]) / loaded.temperature).softmax(-1)[0]  # calibrated
     assert loaded.classes[int(p.argmax())] == first["label_1"]
     assert abs(float(p.max()) - float(first["prob_1"])) < 1e-5
 
@@ -132,7 +133,12 @@ def test_checkpoint_is_plain_data(trained):
     assert meta["preprocessing"]["image_size"] == 32
     assert data["state_dict"]["net.classifier.weight"].shape[0] == 3
     last = torch.load(trained["run"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert last["finetune"] == meta
+    scored = json.loads((trained["run"] / "metrics.json").read_text())["calibration"]
+    # the scored checkpoint also holds the calibration temperature fitted on its own predictions
+    calibrated_meta = meta if Path(scored["checkpoint"]).name == Path(trained["ckpt"]).name else last["finetune"]
+    assert "temperature" in calibrated_meta
+    assert {k: v for k, v in last["finetune"].items() if k != "temperature"} == {
+        k: v for k, v in meta.items() if k != "temperature"}
 
 
 def test_evaluate_subset_of_classes_remaps_labels_by_name(trained, tmp_path):
