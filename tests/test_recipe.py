@@ -164,6 +164,7 @@ def _sweep(tmp_path: Path, root: Path, name: str, *overrides: str) -> list[dict]
     return [json.loads(p.read_text()) for p in runs]
 
 
+@pytest.mark.slow  # 50 s: each one also builds and steps in test_optimizer_config_builds_... / test_scheduler_...
 def test_every_optimizer_and_scheduler_runs_a_short_fit_from_the_cli(class_folders, tmp_path):
     # One Hydra multirun per group: the real CLI, one process start for all the fits.
     runs = _sweep(tmp_path, class_folders, "optimizers", "optimizer=" + ",".join(OPTIMIZERS), "scheduler=plateau")
