@@ -43,6 +43,8 @@ def test_temperature_recovers_how_over_confident_logits_are():
     assert abs(t - 3) < 0.3
     assert reliability(calibrated(sharp, t), labels)["ece"] < reliability(sharp, labels)["ece"] / 3
     assert torch.equal(calibrated(sharp, 1.0), sharp)
+    # every label right: the likelihood keeps rising as T -> 0; T stops at the range's end
+    assert fit_temperature(sharp, sharp.argmax(-1)) == 0.1
 
 
 def test_calibration_is_fitted_stored_and_used_by_predict_load_and_export(tmp_path: Path):
