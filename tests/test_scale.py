@@ -36,6 +36,7 @@ def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
                           text=True, timeout=600, cwd=cwd)
 
 
+@pytest.mark.slow  # 10 s; the multirun sweep it rides on stays in the default suite (test_hostile)
 def test_optuna_search_runs_trials_and_ranks_them(class_folders, tmp_path):
     result = _cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"data.root={class_folders}",
                   *FAST, "policy=full", "report=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
