@@ -32,6 +32,11 @@ def calibrated(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     return (probs.clamp_min(1e-12).log() / temperature).softmax(dim=-1)
 
 
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of ``labels`` under ``probs`` [images, classes]."""
+    return float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
+
+
 def fit_temperature(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """The T in ``T_RANGE`` that minimises the negative log-likelihood of ``labels`` under softmax(log probs / T)."""
     log_p = probs.double().clamp_min(1e-12).log()

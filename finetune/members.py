@@ -13,7 +13,7 @@ import torch
 from omegaconf import ListConfig
 from torch.utils.data import DataLoader
 
-from finetune.calibration import calibrated
+from finetune.calibration import calibrated, nll
 from finetune.data.datamodule import ImageListDataset, decode_side
 from finetune.data.images import BadImageError
 from finetune.data.transforms import eval_transform
@@ -163,7 +163,7 @@ def score_probabilities(probs: torch.Tensor, labels: Sequence[int]) -> dict[str,
     pred = mean.argmax(-1)
     scores: dict[str, Any] = {
         "acc": float((pred == y).float().mean()),
-        "loss": float(-mean.gather(1, y[:, None]).clamp_min(1e-12).log().mean()),
+        "loss": nll(mean, y),
         **imbalance_scores(pred, y, mean.shape[-1]),
     }
     if len(probs) > 1:

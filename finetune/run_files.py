@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def readable(text: str) -> str:
@@ -21,14 +22,19 @@ def readable(text: str) -> str:
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` as UTF-8; non-UTF-8 file names in it are written as ``\\xNN`` (see ``readable``)."""
-    text = readable(text)
+    data = readable(text).encode("utf-8")
+    return write_with(path, lambda f: f.write(data))
+
+
+def write_with(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """``write(f)`` into a temp file beside ``path``, then renamed over it (a crash leaves the old file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,6 +6,7 @@ choice of what is scored can be read and tested without the training around it."
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from finetune.calibration import calibrated, fit_temperature, reliability
+from finetune.calibration import calibrated, fit_temperature, nll, reliability
 from finetune.members import device_for, load_members, member_probabilities, score_probabilities
+from finetune.models.checkpoint import LoadedCheckpoint
 from finetune.policy.choose import format_policy_block
 from finetune.recipe.callbacks import LRTrace, plateau_scheduler
 from finetune.recipe.schedulers import anneal_start_step
@@ -87,7 +89,12 @@ def trainer_scores(results: list[dict[str, float]]) -> dict[str, float]:
 
 def split_probabilities(paths: list[str], index, tta: list[str], cfg: DictConfig) -> dict[str, torch.Tensor]:
     """Per-split probabilities [members, images, classes] of checkpoints on the run's val and test splits."""
-    members = load_members(paths, key="ensemble")
+    return members_split_probabilities(load_members(paths, key="ensemble"), index, tta, cfg)
+
+
+def members_split_probabilities(members: list[LoadedCheckpoint], index, tta: list[str],
+                                cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """:func:`split_probabilities` of checkpoints already loaded."""
     device = device_for(str(cfg.trainer.accelerator))
     batch = int(cfg.data.eval_batch_size or cfg.data.batch_size)
     return {split: member_probabilities(members, index.splits[split], tta, batch, device)
@@ -110,11 +117,13 @@ def summary(metrics: dict[str, Any]) -> str:
 
 
 def report_or_warning(run_dir: Path, scored: str | None, index, record: dict[str, Any], metrics: dict[str, Any],
-                      cfg: DictConfig, preprocessing) -> dict[str, Any]:
+                      cfg: DictConfig, preprocessing, probs: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """report.md/html, or, when it cannot be written, a logged warning and a note for metrics.json:
-    the report explains a finished run, whose metrics and checkpoints are complete without it."""
+    the report explains a finished run, whose metrics and checkpoints are complete without it. ``probs``: the
+    scored checkpoint's :func:`split_probabilities` when already computed (calibration computes them)."""
     try:
-        probs = split_probabilities([scored], index, [], cfg) if scored else {}
+        if probs is None:
+            probs = split_probabilities([scored], index, [], cfg) if scored else {}
         files = write_report(run_dir, index=index, record=record, metrics=metrics, cfg=cfg,
                              policy_block=format_policy_block(record),
                              split_probs={k: v.mean(0).numpy() for k, v in probs.items()}, preprocessing=preprocessing)
@@ -127,60 +136,42 @@ def report_or_warning(run_dir: Path, scored: str | None, index, record: dict[str
     return {"report": str(files["report_md"]), **problems}
 
 
-def calibrate_checkpoint(mode: str, scored: str | None, index, cfg, no_validation: str | None) -> dict[str, Any]:
+def calibrate_checkpoint(mode: str, scored: str | None, index, cfg,
+                         no_validation: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """``calibrate`` after training: T fitted on the val split's probabilities of the scored checkpoint, stored
     in that checkpoint (finetune-eval, -predict, -export and load() then give calibrated probabilities), with
     ECE and NLL before/after on val and, when there is one, on the test split. ``mode``: auto (when there is a
-    validation split) | true | false."""
+    validation split) | true | false. Returns the record for metrics.json and the calibrated probabilities
+    per split (as :func:`split_probabilities` gives them), or None when skipped."""
     if mode == "false" or mode is False:
-        return {"skipped": "calibrate=false"}
+        return {"skipped": "calibrate=false"}, None
     if no_validation or not index.splits.get("val"):
-        return {"skipped": f"no validation split to fit the temperature on ({no_validation or 'empty'})"}
+        return {"skipped": f"no validation split to fit the temperature on ({no_validation or 'empty'})"}, None
     if scored is None:
-        return {"skipped": "no checkpoint was kept"}
-    from finetune.models.checkpoint import CHECKPOINT_KEY, read_checkpoint
-
-    # The network's own probabilities: a checkpoint calibrated before (a run resumed after it finished) is
-    # read through its temperature, which T' = 1/T undoes (softmax(log softmax(z/T) * T) = softmax(z))
-    earlier = float(read_checkpoint(scored)[CHECKPOINT_KEY].get("temperature", 1.0))
-    probs = {split: calibrated(p.mean(0), 1 / earlier)
-             for split, p in split_probabilities([scored], index, [], cfg).items()}
+        return {"skipped": "no checkpoint was kept"}, None
+    # The network's own probabilities, also for a checkpoint calibrated before (a run resumed after it finished)
+    members = [replace(m, temperature=1.0) for m in load_members([scored], key="ensemble")]
+    probs = {split: p.mean(0) for split, p in members_split_probabilities(members, index, [], cfg).items()}
     labels = {split: torch.tensor([y for _, y in index.splits[split]]) for split in probs}
     temperature = round(fit_temperature(probs["val"], labels["val"]), 4)  # as stored and reported
     result: dict[str, Any] = {"temperature": temperature, "fitted_on": f"val ({len(labels['val'])} images)",
                               "checkpoint": scored}
+    after = {split: calibrated(p, temperature) for split, p in probs.items()}
     for split, p in probs.items():
-        before, after = reliability(p, labels[split]), reliability(calibrated(p, temperature), labels[split])
-        result[split] = {"ece_before": before["ece"], "ece_after": after["ece"],
-                         "nll_before": _nll(p, labels[split]), "nll_after": _nll(calibrated(p, temperature),
-                                                                                   labels[split])}
-        result.setdefault("reliability", {})[split] = {"before": before, "after": after}
+        bins_before, bins_after = reliability(p, labels[split]), reliability(after[split], labels[split])
+        result[split] = {"ece_before": bins_before["ece"], "ece_after": bins_after["ece"],
+                         "nll_before": round(nll(p, labels[split]), 5),
+                         "nll_after": round(nll(after[split], labels[split]), 5)}
+        result.setdefault("reliability", {})[split] = {"before": bins_before, "after": bins_after}
     store_temperature(scored, temperature)
-    return result
-
-
-def _nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return round(float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean()), 5)
+    return result, {split: p[None] for split, p in after.items()}
 
 
 def store_temperature(path: str, temperature: float) -> None:
     """Write ``temperature`` into the checkpoint's finetune record (temp file + rename)."""
-    import os
-    import tempfile
-    from pathlib import Path
-
     from finetune.models.checkpoint import CHECKPOINT_KEY
-    from finetune.run_files import file_mode
+    from finetune.run_files import write_with
 
     data = torch.load(path, map_location="cpu", weights_only=True)
     data[CHECKPOINT_KEY]["temperature"] = float(temperature)
-    folder = Path(path).parent
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{Path(path).name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_with(path, lambda f: torch.save(data, f))

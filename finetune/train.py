@@ -278,7 +278,8 @@ def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, An
     """Rank 0, after scoring: calibration, TTA and snapshot-ensemble scores, metrics.json, the report, the
     summary."""
     index, no_validation = run.index, run.no_validation
-    metrics["calibration"] = calibrate_checkpoint(str(cfg.calibrate).lower(), scored, index, cfg, no_validation)
+    metrics["calibration"], scored_probs = calibrate_checkpoint(str(cfg.calibrate).lower(), scored, index, cfg,
+                                                                no_validation)
     if str(cfg.calibrate).lower() == "true" and "skipped" in metrics["calibration"]:
         log.warning("calibrate=true, but the probabilities are not calibrated: %s.", metrics["calibration"]["skipped"])
     if "temperature" in metrics["calibration"]:
@@ -297,7 +298,8 @@ def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, An
                                              "kind": "snapshot"})
     write_json(run_dir / "metrics.json", metrics)  # first: a failing report or plot cannot lose it
     if cfg.report:
-        metrics.update(report_or_warning(run_dir, scored, index, run.record, metrics, cfg, run.preprocessing))
+        metrics.update(report_or_warning(run_dir, scored, index, run.record, metrics, cfg, run.preprocessing,
+                                         scored_probs))
         write_json(run_dir / "metrics.json", metrics)
     shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("val/acc", "train_eval/acc", "test/acc") if k in metrics)
     log.info("Finished in %.1f s (%d epochs): %s", fit_seconds, metrics["epochs"], shown)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -105,6 +104,7 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
     from finetune.data.datamodule import decode_all, decode_side
     from finetune.data.transforms import resolve_preprocessing, train_transform
     from finetune.models.backbone import load_pretrained
+    from finetune.throughput import peak_rss_gb
 
     torch.manual_seed(0)
     model, _, _ = load_pretrained("tf_efficientnet_lite0", "auto")
@@ -151,12 +151,9 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
         last_end = end
         if step + 1 >= steps:
             break
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
     del loader  # the workers end, so their peak is counted
-    children = max(children, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9)
     return {"images_per_s": round(timed / total, 1), "wait_share": round(wait / total, 3),
-            "peak_rss_gb": {"process": round(rss, 3), "largest_child": round(children, 3)}, "workers": workers}
+            "peak_rss_gb": peak_rss_gb(), "workers": workers}
 
 
 def run_plain(root: Path, steps: int, stream: bool, workers: int) -> dict:
