@@ -350,34 +350,61 @@ class Model:
     def probabilities(self, images: Any, batch_size: int = 64) -> tuple[list[str], np.ndarray, list[str]]:
         """(names, softmax probabilities [N, classes], calibrated when the run fitted a temperature, errors: ''
         for a readable image)."""
+        names, probs, _, errors = self._outputs(images, batch_size, known=False)
+        return names, probs, errors
+
+    def known_scores(self, images: Any, batch_size: int = 64) -> np.ndarray:
+        """The open-set score per image (higher: more like the training classes; finetune/open_set.py), as
+        ``predict(unknown=...)`` compares it with the checkpoint's threshold."""
+        from finetune.open_set import checked_record
+
+        checked_record(self._loaded.open_set, self.path, "known_scores()")
+        return self._outputs(images, batch_size, known=True)[2]
+
+    def _outputs(self, images: Any, batch_size: int, known: bool) -> tuple[list[str], np.ndarray, Any, list[str]]:
+        """(names, calibrated probabilities, open-set scores or None, errors) in one pass."""
         import torch
 
-        from finetune.calibration import calibrated
+        from finetune.open_set import known_scores, logits_and_features
 
-        module, temperature = self._loaded.module.eval(), self._loaded.temperature
-        names, probs, errors = [], [], []
+        module, temperature, record = self._loaded.module.eval(), self._loaded.temperature, self._loaded.open_set
+        names, probs, scores, errors = [], [], [], []
         with torch.inference_mode():
             for batch_names, batch, batch_errors in self._batches(images, batch_size):
-                probs.append(calibrated(module(batch).softmax(-1), temperature).numpy())
+                logits, features = logits_and_features(module.net, batch)
+                probs.append((logits / temperature).softmax(-1).numpy())
+                if known:
+                    scores.append(known_scores(record["score"], logits, features, temperature,
+                                               record.get("bank")).numpy())
                 names += batch_names
                 errors += batch_errors
-        return names, np.concatenate(probs), errors
+        return names, np.concatenate(probs), np.concatenate(scores) if known else None, errors
 
-    def predict(self, images: Any, topk: int = 1, as_frame: bool | None = None, batch_size: int = 64) -> Any:
+    def predict(self, images: Any, topk: int = 1, as_frame: bool | None = None, batch_size: int = 64,
+                unknown: Any = "off") -> Any:
         """Top-k labels and probabilities per image: a pandas DataFrame (when pandas is installed, or
         ``as_frame=True``) or a list of dicts; columns as finetune-predict's CSV (path, label, probability,
-        label_i/prob_i, error). An unreadable file gets an empty label and its error."""
+        label_i/prob_i, error). An unreadable file gets an empty label and its error. ``unknown``: off, auto or a
+        share P, as finetune-predict's: images below the open-set threshold get the label ``unknown`` (and a
+        ``known_score`` column)."""
+        from finetune.open_set import UNKNOWN_LABEL, unknown_setup
+
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise FinetuneError(f"topk={topk!r} must be a positive integer.")
-        names, probs, errors = self.probabilities(images, batch_size)
+        rejection = unknown_setup(unknown, [self._loaded], [])
+        names, probs, scores, errors = self._outputs(images, batch_size, known=rejection is not None)
         k = min(topk, len(self.classes))
         rows = []
-        for name, p, error in zip(names, probs, errors):
+        for i, (name, p, error) in enumerate(zip(names, probs, errors)):
             order = np.argsort(-p)[:k]
             row: dict[str, Any] = {"path": name, "label": "" if error else self.classes[order[0]],
                                    "probability": None if error else float(p[order[0]])}
             for rank, c in enumerate(order, 1):
                 row[f"label_{rank}"], row[f"prob_{rank}"] = (("", None) if error else (self.classes[c], float(p[c])))
+            if rejection is not None:
+                row["known_score"] = None if error else float(scores[i])
+                if not error and scores[i] < rejection[0]:
+                    row["label"] = UNKNOWN_LABEL
             row["error"] = error
             rows.append(row)
         if as_frame is None:
@@ -416,13 +443,15 @@ class Model:
         clustering, a new head)."""
         import torch
 
+        from finetune.open_set import logits_and_features
+
         net = self._loaded.module.net.eval()
         out = []
         with torch.inference_mode():
             for _, batch, errors in self._batches(images, batch_size):
                 if any(errors):
                     raise FinetuneError(f"images: cannot read {next(e for e in errors if e)}.")
-                out.append(net.forward_head(net.forward_features(batch), pre_logits=True).numpy())
+                out.append(logits_and_features(net, batch)[1].numpy())
         return np.concatenate(out)
 
     def export(self, format: str, path: str | Path, overwrite: bool = False, **options: Any) -> dict[str, Any]:

@@ -122,6 +122,11 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("recipe.name", lambda v: v in ("auto", "off"), "must be auto or off (recipe=auto|off)"),
     ("calibrate", lambda v: str(v).lower() in ("auto", "true", "false"),
      "must be auto (fit a temperature when there is a validation split), true or false"),
+    ("open_set.fit", lambda v: str(v).lower() in ("auto", "true", "false"),
+     "must be auto (fit a threshold when there is a validation split), true or false"),
+    ("open_set.score", lambda v: str(v).lower() in ("knn", "msp", "energy"), "must be knn, msp or energy"),
+    ("open_set.reject", lambda v: _number(v, 0, 1, open_lo=True) and float(v) < 1,
+     "must be a share of known validation images in (0, 1), e.g. 0.05"),
     ("recipe.budget", lambda v: v in ("fast", "best") or _whole(v, 1),
      "must be fast, best or a number of training images to see (e.g. recipe.budget=20000)"),
     *((f"recipe.{k}", lambda v: _whole(v, 1), "must be a whole number >= 1")

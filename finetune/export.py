@@ -3,10 +3,11 @@ Hugging Face Hub model folder that plain timm loads (``finetune/export_hf.py``).
 
 The exported model includes the preprocessing, so a deployment only feeds pixels: input
 ``[N, 3, H, W]`` RGB at the trained size, ``uint8`` in 0..255 (default) or ``float32`` in 0..1;
-output: class probabilities. The classes and preprocessing travel inside the file (ONNX metadata,
-TorchScript extra files), and the ONNX file is checked against torch with onnxruntime on export.
-The file is serialised in memory and checked there; only a model that passed is written (temp file +
-rename), and never over the checkpoint or an existing file without overwrite=true.
+output: class probabilities, and, when the run fitted an open-set threshold, a ``known_score`` per image
+(below the threshold in the metadata's ``finetune.unknown``: "none of these"). The classes and preprocessing
+travel inside the file (ONNX metadata, TorchScript extra files), and the ONNX file is checked against torch
+with onnxruntime on export. The file is serialised in memory and checked there; only a model that passed is
+written (temp file + rename), and never over the checkpoint or an existing file without overwrite=true.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from finetune.errors import FinetuneError, close_matches
 from finetune.models.checkpoint import LoadedCheckpoint, load_classifier
+from finetune.open_set import known_scores, logits_and_features, unknown_metadata
 from finetune.outputs import check_output, write_output
 
 log = logging.getLogger(__name__)
@@ -34,22 +36,30 @@ SUFFIX_FORMAT = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", "
 
 
 class DeployedClassifier(nn.Module):
-    """Raw RGB pixels -> normalised input -> network -> logits / calibration temperature -> softmax."""
+    """Raw RGB pixels -> normalised input -> network -> logits / calibration temperature -> softmax; with an
+    open-set record, also the "known" score per image (finetune/open_set.py; the knn bank is a buffer)."""
 
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], uint8: bool,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, open_set: dict[str, Any] | None = None):
         super().__init__()
         self.net = net
         self.uint8 = uint8
         self.temperature = float(temperature)
+        self.score = open_set["score"] if open_set else None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("bank", open_set["bank"].float() if open_set and "bank" in open_set else None)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = images.float()
         if self.uint8:
             x = x / 255.0
-        return (self.net((x - self.mean) / self.std) / self.temperature).softmax(dim=-1)
+        x = (x - self.mean) / self.std
+        if self.score is None:
+            return (self.net(x) / self.temperature).softmax(dim=-1)
+        logits, features = logits_and_features(self.net, x)
+        return ((logits / self.temperature).softmax(dim=-1),
+                known_scores(self.score, logits, features, self.temperature, self.bank))
 
 
 def metadata(loaded: LoadedCheckpoint, dtype: str) -> dict[str, str]:
@@ -64,7 +74,9 @@ def metadata(loaded: LoadedCheckpoint, dtype: str) -> dict[str, str]:
                                                "before feeding")}),
         "finetune.output": "softmax probabilities, one per class in finetune.classes order",
         "finetune.temperature": json.dumps(loaded.temperature),  # the logits are divided by it (calibration)
-    }
+    } | ({"finetune.output": "probabilities: softmax probabilities, one per class in finetune.classes order; "
+                             "known_score: the open-set score (finetune.unknown)",
+          "finetune.unknown": json.dumps(unknown_metadata(loaded.open_set))} if loaded.open_set else {})
 
 
 def sample_inputs(loaded: LoadedCheckpoint, images: list[Any], dtype: str) -> torch.Tensor:
@@ -119,7 +131,8 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
     output = check_export_output(output, fmt, ckpt, overwrite)
     loaded = load_classifier(ckpt)
     pp = loaded.preprocessing
-    model = DeployedClassifier(loaded.module.net.eval(), pp.mean, pp.std, dtype == "uint8", loaded.temperature).eval()
+    model = DeployedClassifier(loaded.module.net.eval(), pp.mean, pp.std, dtype == "uint8", loaded.temperature,
+                               loaded.open_set).eval()
     size = loaded.preprocessing.image_size
     if check_images is None:
         generator = torch.Generator().manual_seed(0)
@@ -128,8 +141,9 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
     else:
         example = sample_inputs(loaded, check_images, dtype)
     meta = metadata(loaded, dtype)
+    outputs = ["probabilities", "known_score"] if loaded.open_set else ["probabilities"]
     with torch.no_grad():
-        expected = model(example)
+        expected = _as_tuple(model(example))
     if fmt == "torchscript":
         with warnings.catch_warnings():  # torch's deprecation notices on every jit call: the user chose TorchScript
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
@@ -137,7 +151,7 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
             buffer = io.BytesIO()
             torch.jit.save(scripted, buffer, _extra_files={k: v.encode() for k, v in meta.items()})
             data = buffer.getvalue()
-            got = torch.jit.load(io.BytesIO(data))(example)
+            got = _as_tuple(torch.jit.load(io.BytesIO(data))(example))
     else:
         try:
             import onnx
@@ -146,16 +160,16 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
             raise FinetuneError(f"format=onnx needs the package '{e.name}': `pip install finetune[export]` "
                                 f"(onnx, onnxruntime, onnxscript), or use format=torchscript.") from None
         buffer = io.BytesIO()
-        torch.onnx.export(model, (example[:1],), buffer, input_names=["images"], output_names=["probabilities"],
-                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+        torch.onnx.export(model, (example[:1],), buffer, input_names=["images"], output_names=outputs,
+                          dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
+                          opset_version=17, dynamo=False)
         proto = onnx.load_from_string(buffer.getvalue())
         for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         data = proto.SerializeToString()
-        got = torch.from_numpy(run_onnx(data, example.numpy()))
-    diff = float((got.detach() - expected).abs().max())
+        got = tuple(torch.from_numpy(o) for o in onnx_outputs(data, example.numpy()))
+    diff = max(float((g.detach() - e).abs().max()) for g, e in zip(got, expected))
     if diff > 1e-4:
         raise FinetuneError(f"the exported {fmt} model differs from torch by {diff:.2e} (> 1e-4) on {len(example)} "
                             f"images; nothing was written to output={output}. "
@@ -165,13 +179,22 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
             "classes": loaded.classes, "max_abs_diff_vs_torch": diff, "checked_on": len(example)}
 
 
+def _as_tuple(output: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(output) if isinstance(output, (tuple, list)) else (output,)
+
+
 def run_onnx(model: str | Path | bytes, images) -> Any:
-    """Run an ONNX model (a file, or its bytes) with onnxruntime on the CPU."""
+    """The probabilities of an ONNX model (a file, or its bytes), run with onnxruntime on the CPU."""
+    return onnx_outputs(model, images)[0]
+
+
+def onnx_outputs(model: str | Path | bytes, images) -> list[Any]:
+    """Every output of an ONNX model (probabilities, and known_score when it has an open-set threshold)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
                                    providers=["CPUExecutionProvider"])
-    return session.run(None, {"images": images})[0]
+    return session.run(None, {"images": images})
 
 
 def run_export(cfg) -> dict[str, Any]:

@@ -22,8 +22,11 @@ import torch
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import LoadedCheckpoint, load_classifier, read_checkpoint
 from finetune.models.module import CHECKPOINT_KEY
+from finetune.open_set import unknown_metadata
 
 HF_FILES = ("config.json", "model.safetensors", "README.md")
+# The open-set knn score's bank of normalised training features (config.json "finetune_unknown" says how to use it).
+OPEN_SET_FILE = "open_set_bank.safetensors"
 
 
 def check_hf_output(output: Any, ckpt: str, overwrite: bool) -> Path:
@@ -42,7 +45,7 @@ def check_hf_output(output: Any, ckpt: str, overwrite: bool) -> Path:
     if found and not overwrite:
         raise FinetuneError(f"output={output} is not empty ({', '.join(found[:5])}); pass overwrite=true to replace "
                             f"an earlier export there, or name a new folder.")
-    foreign = sorted(set(found) - set(HF_FILES))
+    foreign = sorted(set(found) - {*HF_FILES, OPEN_SET_FILE})
     if found and foreign:
         raise FinetuneError(f"output={output} holds files an export does not write ({', '.join(foreign[:5])}); "
                             f"overwrite=true replaces only an earlier export: name a new folder.")
@@ -114,12 +117,18 @@ def model_card(loaded: LoadedCheckpoint, backbone: str, facts: dict[str, Any]) -
         "probs = model(transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0)).softmax(-1)\n"
         "print(model.pretrained_cfg['label_names'][probs.argmax().item()])\n```\n"
     )
+    unknown = ""
+    if loaded.open_set:
+        unknown = (f" To say \"none of these\", compare the {loaded.open_set['score']} score with "
+                   f"`finetune_unknown` in config.json (the score of the pooled features against "
+                   f"{OPEN_SET_FILE} for knn): below its threshold, {100 * loaded.open_set['reject']:g}% of the "
+                   f"known validation images fell; finetune-predict unknown=auto applies it.")
     card = {
         "description": (
             "Fine-tuned from a pretrained timm backbone with finetune. **Intended use and limits:** it knows only "
             "the classes listed below, and assigns every image to one of them (an image of something else still "
             "gets one of these labels); the metrics below are on held-out images of the data set it was trained "
-            "on, which may not represent yours: check it on your own images before relying on it."),
+            "on, which may not represent yours: check it on your own images before relying on it." + unknown),
         "details": details,
         "usage": usage,
         "tags": ["image-classification", "timm", "finetune"],
@@ -153,9 +162,14 @@ def export_hf(ckpt: str, output: Any, overwrite: bool = False) -> dict[str, Any]
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp:
+        extra = {"finetune_unknown": unknown_metadata(loaded.open_set)} if loaded.open_set else {}
         save_for_hf(net, tmp, model_config={"label_names": list(loaded.classes),
-                                            "finetune_temperature": loaded.temperature}, safe_serialization=True,
-                    data_config=_data_config(loaded))
+                                            "finetune_temperature": loaded.temperature, **extra},
+                    safe_serialization=True, data_config=_data_config(loaded))
+        if loaded.open_set and "bank" in loaded.open_set:  # the knn score's training features
+            from safetensors.torch import save_file
+
+            save_file({"bank": loaded.open_set["bank"].contiguous()}, str(Path(tmp) / OPEN_SET_FILE))
         (Path(tmp) / "README.md").write_text(model_card(loaded, backbone, _run_facts(ckpt)))
         rebuilt = create_model(f"local-dir:{tmp}", pretrained=True).eval()
         with torch.no_grad():
@@ -168,5 +182,6 @@ def export_hf(ckpt: str, output: Any, overwrite: bool = False) -> dict[str, Any]
             shutil.rmtree(path)  # empty, or an earlier export (check_hf_output)
         Path(tmp).rename(path)
         Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
-    return {"output": str(path), "format": "hf", "files": list(HF_FILES), "classes": loaded.classes,
+    files = [*HF_FILES, *([OPEN_SET_FILE] if loaded.open_set and "bank" in loaded.open_set else [])]
+    return {"output": str(path), "format": "hf", "files": files, "classes": loaded.classes,
             "input_shape": ["N", 3, size, size], "max_abs_diff_vs_torch": diff, "checked_on": len(example)}

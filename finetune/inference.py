@@ -26,6 +26,7 @@ from finetune.members import (
     resolve_members,
     score_probabilities,
 )
+from finetune.open_set import UNKNOWN_LABEL, parse_unknown, unknown_setup
 from finetune.outputs import check_output, write_output
 from finetune.run_files import readable
 from finetune.run_folder import resolve_run_dir
@@ -164,9 +165,11 @@ def _scan_input_list(value: Any) -> tuple[list[str], list[tuple[str, str]]]:
 
 def predict(cfg: DictConfig) -> Path:
     """Top-k labels and probabilities for every image under ``cfg.input``, as a CSV (an ensemble's
-    and the TTA views' probabilities averaged). An unreadable image gets a row with an empty label and
-    its ``error``, and is listed on the console; the rest are predicted. Everything that can be checked
-    without the model (options, inputs, the output's location) is checked before it is loaded."""
+    and the TTA views' probabilities averaged). With ``unknown=auto|P``, images whose open-set score falls below
+    the checkpoint's threshold are labelled ``unknown`` (finetune/open_set.py), their score in ``known_score``.
+    An unreadable image gets a row with an empty label and its ``error``, and is listed on the console; the rest
+    are predicted. Everything that can be checked without the model (options, inputs, the output's location) is
+    checked before it is loaded."""
     check_known_keys(cfg, "predict")
     tta = check_tta(cfg.tta)
     topk = _positive_int(cfg.topk, "topk")
@@ -178,29 +181,44 @@ def predict(cfg: DictConfig) -> Path:
     if output.suffix.lower() in IMAGE_EXTENSIONS | {".ckpt"}:
         raise FinetuneError(f"output={cfg.output} names an image or checkpoint file, but predictions are a CSV "
                             f"file; name it e.g. output=predictions.csv.")
+    parse_unknown(cfg.unknown)  # a bad value fails before the model is loaded
     members = load_members(cfg.ckpt)
+    unknown = unknown_setup(cfg.unknown, members, tta)
     classes = members[0].classes
     k = min(topk, len(classes))
     skipped: dict[str, str] = {}
-    probs = member_probabilities(members, [(p, -1) for p in paths], tta, batch_size, device, skipped=skipped).mean(0)
+    known: list[torch.Tensor] | None = [] if unknown else None
+    probs = member_probabilities(members, [(p, -1) for p in paths], tta, batch_size, device, skipped=skipped,
+                                 known=known).mean(0)
     if len(skipped) == len(paths):
         first = next(iter(skipped.items()))
         raise FinetuneError(f"none of the {len(paths)} images under input={cfg.input} could be read (e.g. {first[0]}: "
                             f"{first[1]}); nothing was written. Check that input= points at your images.")
     header = ["path", "label", "probability"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("label", "prob")]
+    header += ["known_score"] if unknown else []
     rows = [header + ["error"]]
     top = probs.topk(k, dim=-1)
-    for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
+    scores = torch.cat(known).tolist() if known else [None] * len(paths)
+    rejected = 0
+    for path, values, indices, score in zip(paths, top.values.tolist(), top.indices.tolist(), scores):
         if path in skipped:
             rows.append([path] + [""] * (len(header) - 1) + [skipped[path]])
             continue
         ranked = [x for i, v in zip(indices, values) for x in (classes[i], f"{v:.6f}")]
-        rows.append([path, ranked[0], ranked[1], *ranked, ""])
+        label = ranked[0]
+        if unknown and score < unknown[0]:  # top-k still says what it would have been
+            label, rejected = UNKNOWN_LABEL, rejected + 1
+        rows.append([path, label, ranked[1], *ranked, *([f"{score:.6f}"] if unknown else []), ""])
     write_output(output, _to_csv(rows), overwrite=bool(cfg.overwrite))
     if skipped:
         _report_skipped(skipped, f"input={cfg.input}", len(paths))
     print(f"Predicted {len(paths) - len(skipped)} image(s) -> {output.resolve()}"
           f"{f' ({len(skipped)} unreadable, listed with their error)' if skipped else ''}")
+    if unknown:
+        record = members[0].open_set
+        print(f"Labelled {rejected} of {len(paths) - len(skipped)} image(s) '{UNKNOWN_LABEL}': their {record['score']} "
+              f"score is below {unknown[0]:.6g}, which {100 * unknown[1]:g}% of the {len(record['val_scores'])} known "
+              f"validation images fell below.")
     return output
 
 

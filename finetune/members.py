@@ -20,6 +20,7 @@ from finetune.data.transforms import eval_transform
 from finetune.data.tta import tta_batches
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import LoadedCheckpoint, load_classifier, read_checkpoint
+from finetune.open_set import known_scores, logits_and_features
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,15 @@ class _SkippingImages(ImageListDataset):
 
 def member_probabilities(members: Sequence[LoadedCheckpoint], samples: Sequence[tuple[str, int]], tta: Sequence[str],
                          batch_size: int, device: torch.device, num_workers: int = 0,
-                         skipped: dict[str, str] | None = None) -> torch.Tensor:
+                         skipped: dict[str, str] | None = None, known: list[torch.Tensor] | None = None
+                         ) -> torch.Tensor:
     """Softmax probabilities [members, images, classes], each averaged over the TTA views and rescaled by the
     member's calibration temperature.
 
     With ``skipped`` (a dict), unreadable images do not stop the pass: their rows are meaningless and
-    ``skipped`` maps each one's path to why (as training's data check words it)."""
+    ``skipped`` maps each one's path to why (as training's data check words it). With ``known`` (a list; one
+    member, no TTA: the open-set threshold was fitted that way), each batch's open-set scores are appended to it,
+    from the same forward pass (finetune/open_set.py)."""
     pp = members[0].preprocessing
     if skipped is None:
         dataset = ImageListDataset(samples, eval_transform(pp), max_side=decode_side(pp))
@@ -122,6 +126,13 @@ def member_probabilities(members: Sequence[LoadedCheckpoint], samples: Sequence[
                     for i, error in zip(rest[0].tolist(), rest[1]):
                         if error and samples[i][0] not in skipped:
                             skipped[samples[i][0]] = _why_unreadable(samples[i][0], error)
+                if known is not None:
+                    record = member.open_set
+                    logits, features = logits_and_features(module.net, images.to(device))
+                    known.append(known_scores(record["score"], logits, features, member.temperature,
+                                              record.get("bank")).cpu())
+                    chunks.append(logits.softmax(dim=-1).cpu())
+                    continue
                 views = tta_batches(images.to(device), tta)
                 chunks.append(torch.stack([module(v).softmax(dim=-1) for v in views]).mean(0).cpu())
         per_member.append(calibrated(torch.cat(chunks), member.temperature))

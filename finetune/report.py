@@ -303,6 +303,23 @@ def _add_calibration(run_dir: Path, metrics: dict[str, Any], blocks: list[Block]
                      for s in ("val", "test") if s in c])]
 
 
+def _open_set_blocks(metrics: dict[str, Any]) -> list[Block]:
+    """The open-set threshold: which score, where it was fitted, how many known images it rejects."""
+    o = metrics.get("open_set") or {}
+    if "skipped" in o:
+        return [("h", "Images of none of the classes"),
+                ("p", f"No open-set threshold: {o['skipped']}. finetune-predict unknown= needs one.")]
+    if "threshold" not in o:
+        return []
+    bank = f"; the bank of training features holds {o['bank_images']} images" if "bank_images" in o else ""
+    return [("h", "Images of none of the classes"),
+            ("p", (f"finetune-predict unknown=auto labels an image 'unknown' when its {o['score']} score is below "
+                   f"{o['threshold']:.6g}: the threshold below which {100 * o['reject']:g}% of {o['fitted_on']} fell"
+                   f"{bank}. unknown=P rejects another share P; the exports carry the score and threshold.")),
+            ("table", ["split", "known images rejected"],
+             [[s, o[f"{s}_rejected"]] for s in ("val", "test") if f"{s}_rejected" in o])]
+
+
 def _add_wrong(run_dir: Path, index, split_probs: dict[str, np.ndarray], preprocessing, blocks: list[Block],
                problems: list, files: dict[str, Any]) -> None:
     if "val" not in split_probs:
@@ -333,6 +350,7 @@ def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[
     _add_curves(run_dir, metrics.get("lr_reductions") or [], blocks, problems, files)
     _add_per_class(run_dir, index, metrics, split_probs, blocks, problems, files)
     _add_calibration(run_dir, metrics, blocks, problems, files)
+    blocks += _open_set_blocks(metrics)
     _add_wrong(run_dir, index, split_probs, preprocessing, blocks, problems, files)
 
     write_text(Path(run_dir) / "report.md", to_markdown(blocks))

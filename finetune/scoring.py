@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from finetune.calibration import calibrated, fit_temperature, nll, reliability
 from finetune.members import device_for, load_members, member_probabilities, score_probabilities
-from finetune.models.checkpoint import LoadedCheckpoint
+from finetune.models.checkpoint import LoadedCheckpoint, update_checkpoint
 from finetune.policy.choose import format_policy_block
 from finetune.recipe.callbacks import LRTrace, plateau_scheduler
 from finetune.recipe.schedulers import anneal_start_step
@@ -163,15 +163,5 @@ def calibrate_checkpoint(mode: str, scored: str | None, index, cfg,
                          "nll_before": round(nll(p, labels[split]), 5),
                          "nll_after": round(nll(after[split], labels[split]), 5)}
         result.setdefault("reliability", {})[split] = {"before": bins_before, "after": bins_after}
-    store_temperature(scored, temperature)
+    update_checkpoint(scored, temperature=float(temperature))
     return result, {split: p[None] for split, p in after.items()}
-
-
-def store_temperature(path: str, temperature: float) -> None:
-    """Write ``temperature`` into the checkpoint's finetune record (temp file + rename)."""
-    from finetune.models.checkpoint import CHECKPOINT_KEY
-    from finetune.run_files import write_with
-
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    data[CHECKPOINT_KEY]["temperature"] = float(temperature)
-    write_with(path, lambda f: torch.save(data, f))

@@ -31,6 +31,7 @@ from finetune.errors import FinetuneError, ProcessLost, TrainingInterrupted
 from finetune.history import HistoryCSVLogger
 from finetune.members import ENSEMBLE_FILE
 from finetune.models.backbone import check_backbone_name
+from finetune.open_set import fit_open_set
 from finetune.prepare import NO_VALIDATION, Prepared, prepare_run, recipe_before_measurement
 from finetune.preview import write_preview_or_warn
 from finetune.recipe.auto import RECIPE_FILE
@@ -275,8 +276,8 @@ def _score(cfg: DictConfig, run_dir: Path, watch: _Watch, run: Prepared, fit_sec
 
 def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, Any], scored: str | None,
             snapshot_paths: list[str], fit_seconds: float) -> None:
-    """Rank 0, after scoring: calibration, TTA and snapshot-ensemble scores, metrics.json, the report, the
-    summary."""
+    """Rank 0, after scoring: calibration, the open-set threshold, TTA and snapshot-ensemble scores, metrics.json,
+    the report, the summary."""
     index, no_validation = run.index, run.no_validation
     metrics["calibration"], scored_probs = calibrate_checkpoint(str(cfg.calibrate).lower(), scored, index, cfg,
                                                                 no_validation)
@@ -287,6 +288,14 @@ def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, An
         log.info("Calibration: temperature %.3f fitted on %s; expected calibration error on val %.4f -> %.4f%s",
                  c["temperature"], c["fitted_on"], c["val"]["ece_before"], c["val"]["ece_after"],
                  f", on test {c['test']['ece_before']:.4f} -> {c['test']['ece_after']:.4f}" if "test" in c else "")
+    metrics["open_set"] = fit_open_set(cfg.open_set, scored, index, cfg, no_validation)
+    if str(cfg.open_set.fit).lower() == "true" and "skipped" in metrics["open_set"]:
+        log.warning("open_set.fit=true, but no unknown-image threshold was fitted: %s.", metrics["open_set"]["skipped"])
+    if "threshold" in metrics["open_set"]:
+        o = metrics["open_set"]
+        log.info("Open set: %s score, threshold %.4g rejects %.0f%% of %s%s; finetune-predict unknown=auto labels "
+                 "images below it 'unknown'", o["score"], o["threshold"], 100 * o["reject"], o["fitted_on"],
+                 f" ({100 * o['test_rejected']:.1f}% of the test images)" if "test_rejected" in o else "")
     if cfg.tta and scored:
         metrics["tta"] = {"views": list(cfg.tta), **flat(score_checkpoints([scored], index, list(cfg.tta), cfg))}
     if snapshot_paths:

@@ -119,3 +119,36 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+FAST_64 = [o for o in FAST if not o.startswith(("data.image_size", "trainer.max_epochs"))] + ["data.image_size=64"]
+
+
+def digit_folders(root: Path, per_split: int = 30, splits: tuple[str, ...] = ("train", "val", "test"),
+                  classes: range = range(10)) -> Path:
+    """Real scikit-learn digits (8x8 scans) as split folders, ``per_split`` images per class in each split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c in classes:
+        idx = np.flatnonzero(d.target == c)
+        for k, split in enumerate(splits):
+            part = idx[k * per_split:(k + 1) * per_split]
+            (root / split / str(c)).mkdir(parents=True, exist_ok=True)
+            for i in part:
+                Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).save(root / split / str(c) / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> dict[str, Path]:
+    """One real fit shared by the after-training tests (calibration, open set): digits 0-7 with train/val/test
+    splits of 30 per class, and the digits 8 and 9 (never trained on) under ``unknown``."""
+    base = tmp_path_factory.mktemp("digits_run")
+    root = digit_folders(base / "digits", classes=range(8))
+    unknown = digit_folders(base / "unknown", splits=("all",), classes=range(8, 10)) / "all"
+    run = base / "run"
+    result = run_cli("finetune", f"data.root={root}", f"run_dir={run}", "policy=partial", *FAST_64,
+                     "trainer.max_epochs=4", "augment=none", cwd=base)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"root": root, "unknown": unknown, "run": run}

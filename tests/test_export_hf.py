@@ -41,7 +41,9 @@ def test_hf_folder_loads_in_plain_timm_and_predicts_like_finetune_predict(split_
                              "data.crop_pct=1.0"))
     out = tmp_path / "hf"
     result = export(metrics["run_dir"], "hf", out)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    # the open-set bank too: the run had a validation split (test_open_set.py checks its use)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                     "open_set_bank.safetensors"]
     assert result["max_abs_diff_vs_torch"] < 1e-4
     config = json.loads((out / "config.json").read_text())
     classes = json.loads((Path(metrics["run_dir"]) / "classes.json").read_text())

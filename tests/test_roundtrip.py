@@ -136,9 +136,10 @@ def test_checkpoint_is_plain_data(trained):
     scored = json.loads((trained["run"] / "metrics.json").read_text())["calibration"]
     # the scored checkpoint also holds the calibration temperature fitted on its own predictions
     calibrated_meta = meta if Path(scored["checkpoint"]).name == Path(trained["ckpt"]).name else last["finetune"]
-    assert "temperature" in calibrated_meta
-    assert {k: v for k, v in last["finetune"].items() if k != "temperature"} == {
-        k: v for k, v in meta.items() if k != "temperature"}
+    assert "temperature" in calibrated_meta and "open_set" in calibrated_meta  # and the open-set threshold
+    fitted = ("temperature", "open_set")
+    assert {k: v for k, v in last["finetune"].items() if k not in fitted} == {
+        k: v for k, v in meta.items() if k not in fitted}
 
 
 def test_evaluate_subset_of_classes_remaps_labels_by_name(trained, tmp_path):

@@ -28,6 +28,8 @@ class LoadedCheckpoint:
     preprocessing: Preprocessing
     path: str
     temperature: float = 1.0  # fitted on validation after training (finetune/calibration.py); 1: none
+    # The "none of these" score and threshold fitted after training (finetune/open_set.py); None: not fitted
+    open_set: dict[str, Any] | None = None
 
 
 def read_checkpoint(path: str | Path | None, key: str = "ckpt") -> dict[str, Any]:
@@ -91,4 +93,15 @@ def load_classifier(path: str | Path | None, key: str = "ckpt") -> LoadedCheckpo
     except RuntimeError as e:
         raise FinetuneError(f"{key}={path}: weights do not match {spec.name}: {str(e).splitlines()[0]}") from None
     module.eval()
-    return LoadedCheckpoint(module, module.classes, preprocessing, str(path), float(meta.get("temperature", 1.0)))
+    return LoadedCheckpoint(module, module.classes, preprocessing, str(path), float(meta.get("temperature", 1.0)),
+                            meta.get("open_set"))
+
+
+def update_checkpoint(path: str | Path, **values: Any) -> None:
+    """Add ``values`` to a checkpoint's finetune section (temp file + rename): what is fitted after training
+    (the calibration temperature, the open-set record) travels with the weights."""
+    from finetune.run_files import write_with
+
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    data[CHECKPOINT_KEY].update(values)
+    write_with(str(path), lambda f: torch.save(data, f))
