@@ -303,6 +303,26 @@ def advise(data: Any, /, overrides: Sequence[str] = (), **options: Any) -> dict[
 
 
 # ------------------------------------------------------------------------------------------------ model
+def _as_frame(rows: list[dict[str, Any]], as_frame: bool | None) -> Any:
+    """``rows`` as a pandas DataFrame (as_frame=True, or None when pandas is installed), else as they are."""
+    if as_frame is None:
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            as_frame = False
+        else:
+            as_frame = True
+    if as_frame:
+        try:
+            import pandas as pd
+        except ImportError:
+            raise FinetuneError("predict(as_frame=True) needs pandas: `pip install pandas` (or as_frame=False "
+                                "for a list of dicts).") from None
+
+        return pd.DataFrame(rows)
+    return rows
+
+
 @dataclass
 class Model:
     """A trained classifier loaded from a checkpoint (or a run folder's scored checkpoint)."""
@@ -372,7 +392,8 @@ class Model:
         with torch.inference_mode():
             for batch_names, batch, batch_errors in self._batches(images, batch_size):
                 logits, features = logits_and_features(module.net, batch)
-                probs.append((logits / temperature).softmax(-1).numpy())
+                probs.append(logits.sigmoid().numpy() if module.multilabel else
+                             (logits / temperature).softmax(-1).numpy())
                 if known:
                     scores.append(known_scores(record["score"], logits, features, temperature,
                                                record.get("bank")).numpy())
@@ -384,9 +405,9 @@ class Model:
                 unknown: Any = "off") -> Any:
         """Top-k labels and probabilities per image: a pandas DataFrame (when pandas is installed, or
         ``as_frame=True``) or a list of dicts; columns as finetune-predict's CSV (path, label, probability,
-        label_i/prob_i, error). An unreadable file gets an empty label and its error. ``unknown``: off, auto or a
-        share P, as finetune-predict's: images below the open-set threshold get the label ``unknown`` (and a
-        ``known_score`` column)."""
+        label_i/prob_i, error; multi-label: labels and probabilities of every class at or above its threshold). An
+        unreadable file gets an empty label and its error. ``unknown``: off, auto or a share P, as finetune-predict's:
+        images below the open-set threshold get the label ``unknown`` (and a ``known_score`` column)."""
         from finetune.open_set import UNKNOWN_LABEL, unknown_setup
 
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
@@ -394,6 +415,14 @@ class Model:
         rejection = unknown_setup(unknown, [self._loaded], [])
         names, probs, scores, errors = self._outputs(images, batch_size, known=rejection is not None)
         k = min(topk, len(self.classes))
+        if self._loaded.multilabel:  # finetune-predict's multi-label columns: every class above its threshold
+            import torch
+
+            from finetune.inference import multilabel_records
+
+            return _as_frame(multilabel_records(torch.from_numpy(probs), names,
+                                                {n: e for n, e in zip(names, errors) if e}, self.classes,
+                                                self._loaded.thresholds, k), as_frame)
         rows = []
         for i, (name, p, error) in enumerate(zip(names, probs, errors)):
             order = np.argsort(-p)[:k]
@@ -407,22 +436,7 @@ class Model:
                     row["label"] = UNKNOWN_LABEL
             row["error"] = error
             rows.append(row)
-        if as_frame is None:
-            try:
-                import pandas  # noqa: F401
-            except ImportError:
-                as_frame = False
-            else:
-                as_frame = True
-        if as_frame:
-            try:
-                import pandas as pd
-            except ImportError:
-                raise FinetuneError("predict(as_frame=True) needs pandas: `pip install pandas` (or as_frame=False "
-                                    "for a list of dicts).") from None
-
-            return pd.DataFrame(rows)
-        return rows
+        return _as_frame(rows, as_frame)
 
     def evaluate(self, data: Any, split: str = "auto", batch_size: int = 64) -> dict[str, Any]:
         """Accuracy and loss on a labelled folder or CSV (its test split, else val, else all images),
@@ -431,11 +445,12 @@ class Model:
         from finetune.inference import _split_samples, _split_to_score
         from finetune.members import device_for, member_probabilities, score_probabilities
 
-        index = scan_dataset(data, val_fraction=0.0, test_fraction=0.0, min_classes=1)
+        index = scan_dataset(data, val_fraction=0.0, test_fraction=0.0, min_classes=1,
+                             task=self._loaded.module.recipe.task)
         chosen = _split_to_score(index, split)
         samples = _split_samples(index, chosen, self.classes, data)
         probs = member_probabilities([self._loaded], samples, [], batch_size, device_for("cpu"))
-        scores = score_probabilities(probs, [label for _, label in samples])
+        scores = score_probabilities(probs, [label for _, label in samples], self._loaded.thresholds, self.classes)
         return {"split": "all" if index.layout == "class_folders" else chosen, "images": len(samples), **scores}
 
     def features(self, images: Any, batch_size: int = 64) -> np.ndarray:

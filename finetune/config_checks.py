@@ -19,7 +19,8 @@ from finetune.config_keys import check_known_keys
 from finetune.errors import FinetuneError, close_matches
 
 # Everything the LightningModule logs; monitors must name one of these.
-LOGGED_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1")
+LOGGED_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/balanced_acc", "val/macro_f1", "val/map",
+                  "val/micro_f1")
 
 
 def _check_monitor(key: str, value: Any) -> None:

@@ -40,10 +40,11 @@ class DeployedClassifier(nn.Module):
     open-set record, also the "known" score per image (finetune/open_set.py; the knn bank is a buffer)."""
 
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], uint8: bool,
-                 temperature: float = 1.0, open_set: dict[str, Any] | None = None):
+                 temperature: float = 1.0, open_set: dict[str, Any] | None = None, multilabel: bool = False):
         super().__init__()
         self.net = net
         self.uint8 = uint8
+        self.multilabel = multilabel  # a sigmoid per class instead of the softmax
         self.temperature = float(temperature)
         self.score = open_set["score"] if open_set else None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -55,6 +56,8 @@ class DeployedClassifier(nn.Module):
         if self.uint8:
             x = x / 255.0
         x = (x - self.mean) / self.std
+        if self.multilabel:
+            return self.net(x).sigmoid()
         if self.score is None:
             return (self.net(x) / self.temperature).softmax(dim=-1)
         logits, features = logits_and_features(self.net, x)
@@ -74,7 +77,12 @@ def metadata(loaded: LoadedCheckpoint, dtype: str) -> dict[str, str]:
                                                "before feeding")}),
         "finetune.output": "softmax probabilities, one per class in finetune.classes order",
         "finetune.temperature": json.dumps(loaded.temperature),  # the logits are divided by it (calibration)
-    } | ({"finetune.output": "probabilities: softmax probabilities, one per class in finetune.classes order; "
+    } | ({"finetune.output": "sigmoid probabilities, one per class in finetune.classes order: the image shows each "
+                             "class whose probability is at or above its threshold in finetune.thresholds",
+          "finetune.task": "multilabel",
+          "finetune.thresholds": json.dumps(loaded.thresholds or [0.5] * len(loaded.classes))}
+         if loaded.multilabel else {}) | (
+         {"finetune.output": "probabilities: softmax probabilities, one per class in finetune.classes order; "
                              "known_score: the open-set score (finetune.unknown)",
           "finetune.unknown": json.dumps(unknown_metadata(loaded.open_set))} if loaded.open_set else {})
 
@@ -132,7 +140,7 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
     loaded = load_classifier(ckpt)
     pp = loaded.preprocessing
     model = DeployedClassifier(loaded.module.net.eval(), pp.mean, pp.std, dtype == "uint8", loaded.temperature,
-                               loaded.open_set).eval()
+                               loaded.open_set, loaded.multilabel).eval()
     size = loaded.preprocessing.image_size
     if check_images is None:
         generator = torch.Generator().manual_seed(0)

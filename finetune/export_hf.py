@@ -118,6 +118,10 @@ def model_card(loaded: LoadedCheckpoint, backbone: str, facts: dict[str, Any]) -
         "print(model.pretrained_cfg['label_names'][probs.argmax().item()])\n```\n"
     )
     unknown = ""
+    if loaded.multilabel:
+        unknown = (" **Several labels per image:** apply `.sigmoid()` to the logits instead of `.softmax(-1)` and "
+                   "keep every class at or above its threshold in config.json `finetune_thresholds` (tuned on "
+                   "validation).")
     if loaded.open_set:
         unknown = (f" To say \"none of these\", compare the {loaded.open_set['score']} score with "
                    f"`finetune_unknown` in config.json (the score of the pooled features against "
@@ -163,6 +167,9 @@ def export_hf(ckpt: str, output: Any, overwrite: bool = False) -> dict[str, Any]
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp:
         extra = {"finetune_unknown": unknown_metadata(loaded.open_set)} if loaded.open_set else {}
+        if loaded.multilabel:  # a sigmoid per class (the usage note in README.md says so)
+            extra |= {"finetune_task": "multilabel",
+                      "finetune_thresholds": loaded.thresholds or [0.5] * len(loaded.classes)}
         save_for_hf(net, tmp, model_config={"label_names": list(loaded.classes),
                                             "finetune_temperature": loaded.temperature, **extra},
                     safe_serialization=True, data_config=_data_config(loaded))

@@ -66,6 +66,8 @@ def _split_samples(index: DatasetIndex, split: str, classes: list[str], root: An
             f"The checkpoint's classes: {', '.join(classes)}."
         )
     to_ckpt = [classes.index(c) for c in index.classes]
+    if index.multilabel:
+        return [(path, tuple(sorted(to_ckpt[c] for c in label))) for path, label in index.splits[split]]
     return [(path, to_ckpt[label]) for path, label in index.splits[split]]
 
 
@@ -120,7 +122,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
                           key="run_dir")
     members = load_members(cfg.ckpt)
     # One class is fine here: scoring a checkpoint on a folder of a single class is a real use.
-    index = scan_dataset(cfg.data.root, val_fraction=0.0, test_fraction=0.0, min_classes=1)
+    index = scan_dataset(cfg.data.root, val_fraction=0.0, test_fraction=0.0, min_classes=1,
+                         task=members[0].module.recipe.task)
     split = _split_to_score(index, cfg.split)
     samples = _split_samples(index, split, members[0].classes, cfg.data.root)
     skipped: dict[str, str] = {}
@@ -132,7 +135,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
                                 f"read (e.g. {': '.join(next(iter(skipped.items())))}); nothing was scored.")
         keep = [i for i, (path, _) in enumerate(samples) if path not in skipped]
         probs, samples = probs[:, keep], [samples[i] for i in keep]
-    scores = score_probabilities(probs, [label for _, label in samples])
+    scores = score_probabilities(probs, [label for _, label in samples], members[0].thresholds, members[0].classes)
     metrics = {
         "ckpt": ([str(Path(m.path).resolve()) for m in members] if len(members) > 1
                  else str(Path(members[0].path).resolve())),
@@ -146,7 +149,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     write_output(output, json.dumps(metrics, indent=2) + "\n", key="run_dir", overwrite=bool(cfg.overwrite))
     what = f"ensemble of {len(members)}" if len(members) > 1 else "checkpoint"
     extra = f" (members {', '.join(f'{a:.4f}' for a in scores['member_acc'])})" if len(members) > 1 else ""
-    print(f"Accuracy {metrics['acc']:.4f}, loss {metrics['loss']:.4f} on {len(samples)} images "
+    headline = (f"mAP {metrics['map']:.4f}, micro F1 {metrics['micro_f1']:.4f} at the per-class thresholds, "
+                f"every label right {metrics['acc']:.4f}" if "map" in metrics else f"Accuracy {metrics['acc']:.4f}")
+    print(f"{headline}, loss {metrics['loss']:.4f} on {len(samples)} images "
           f"({metrics['split']} of {index.root}; {what}{', TTA ' + '+'.join(tta) if tta else ''}){extra}")
     print(f"Written: {run_dir / 'eval_metrics.json'}")
     return metrics
@@ -194,6 +199,14 @@ def predict(cfg: DictConfig) -> Path:
         first = next(iter(skipped.items()))
         raise FinetuneError(f"none of the {len(paths)} images under input={cfg.input} could be read (e.g. {first[0]}: "
                             f"{first[1]}); nothing was written. Check that input= points at your images.")
+    if members[0].multilabel:
+        rows = multilabel_rows(probs, paths, skipped, classes, members[0].thresholds, k)
+        write_output(output, _to_csv(rows), overwrite=bool(cfg.overwrite))
+        if skipped:
+            _report_skipped(skipped, f"input={cfg.input}", len(paths))
+        print(f"Predicted {len(paths) - len(skipped)} image(s) -> {output.resolve()} (every class at or above its "
+              f"threshold in `labels`){f'; {len(skipped)} unreadable, listed with their error' if skipped else ''}")
+        return output
     header = ["path", "label", "probability"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("label", "prob")]
     header += ["known_score"] if unknown else []
     rows = [header + ["error"]]
@@ -220,6 +233,36 @@ def predict(cfg: DictConfig) -> Path:
               f"score is below {unknown[0]:.6g}, which {100 * unknown[1]:g}% of the {len(record['val_scores'])} known "
               f"validation images fell below.")
     return output
+
+
+def multilabel_records(probs: torch.Tensor, paths: list[str], skipped: dict[str, str], classes: list[str],
+                       thresholds: list[float] | None, k: int) -> list[dict[str, Any]]:
+    """Per image: every class at or above its threshold (``labels``, ``probabilities``, most probable first),
+    the k most probable classes whatever their threshold (label_i, prob_i), and the error ('' when read)."""
+    from finetune.multilabel import labels_above
+
+    records = []
+    for path, p in zip(paths, probs.tolist()):
+        record: dict[str, Any] = {"path": path, "labels": [], "probabilities": []}
+        if path not in skipped:
+            above = labels_above(p, classes, thresholds)
+            record |= {"labels": [c for c, _ in above], "probabilities": [v for _, v in above]}
+        for rank, c in enumerate(sorted(range(len(classes)), key=lambda c: -p[c])[:k], 1):
+            record[f"label_{rank}"], record[f"prob_{rank}"] = ("", None) if path in skipped else (classes[c], p[c])
+        records.append(record | {"error": skipped.get(path, "")})
+    return records
+
+
+def multilabel_rows(probs: torch.Tensor, paths: list[str], skipped: dict[str, str], classes: list[str],
+                    thresholds: list[float] | None, k: int) -> list[list[Any]]:
+    """:func:`multilabel_records` as CSV rows (a header first; several labels and probabilities ;-joined)."""
+    records = multilabel_records(probs, paths, skipped, classes, thresholds, k)
+    rows: list[list[Any]] = [list(records[0])]
+    for r in records:
+        rows.append([r["path"], ";".join(r["labels"]), ";".join(f"{v:.6f}" for v in r["probabilities"]),
+                     *(("" if v is None else f"{v:.6f}" if isinstance(v, float) else v)
+                       for key, v in r.items() if key.startswith(("label_", "prob_"))), r["error"]])
+    return rows
 
 
 def _report_skipped(skipped: dict[str, str], where: str, total: int, show: int = 20) -> None:

@@ -111,10 +111,11 @@ def member_probabilities(members: Sequence[LoadedCheckpoint], samples: Sequence[
     member, no TTA: the open-set threshold was fitted that way), each batch's open-set scores are appended to it,
     from the same forward pass (finetune/open_set.py)."""
     pp = members[0].preprocessing
+    unlabelled = [(path, -1) for path, _ in samples]  # the labels are not needed (and may be multi-label tuples)
     if skipped is None:
-        dataset = ImageListDataset(samples, eval_transform(pp), max_side=decode_side(pp))
+        dataset = ImageListDataset(unlabelled, eval_transform(pp), max_side=decode_side(pp))
     else:
-        dataset = _SkippingImages(samples, eval_transform(pp), max_side=decode_side(pp), image_size=pp.image_size)
+        dataset = _SkippingImages(unlabelled, eval_transform(pp), max_side=decode_side(pp), image_size=pp.image_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     per_member = []
     for member in members:
@@ -134,9 +135,14 @@ def member_probabilities(members: Sequence[LoadedCheckpoint], samples: Sequence[
                     chunks.append(logits.softmax(dim=-1).cpu())
                     continue
                 views = tta_batches(images.to(device), tta)
-                chunks.append(torch.stack([module(v).softmax(dim=-1) for v in views]).mean(0).cpu())
+                chunks.append(torch.stack([output_probabilities(module, module(v)) for v in views]).mean(0).cpu())
         per_member.append(calibrated(torch.cat(chunks), member.temperature))
     return torch.stack(per_member)
+
+
+def output_probabilities(module, logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the classes, or (task=multilabel) a sigmoid per class."""
+    return logits.sigmoid() if module.multilabel else logits.softmax(dim=-1)
 
 
 def _why_unreadable(path: str, error: str) -> str:
@@ -167,8 +173,14 @@ def imbalance_scores(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> d
             "macro_f1": float(multiclass_f1_score(pred, y, num_classes, average="macro"))}
 
 
-def score_probabilities(probs: torch.Tensor, labels: Sequence[int]) -> dict[str, Any]:
-    """Accuracy and NLL of the averaged probabilities, and of each member when there are several."""
+def score_probabilities(probs: torch.Tensor, labels: Sequence[int], thresholds: Sequence[float] | None = None,
+                        classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Accuracy and NLL of the averaged probabilities, and of each member when there are several; multi-label
+    labels (tuples): mAP, micro / macro F1 and exact match at ``thresholds`` (finetune/multilabel.py)."""
+    if labels and isinstance(labels[0], tuple):
+        from finetune.multilabel import multi_hot_rows, multilabel_scores
+
+        return multilabel_scores(probs.mean(0), multi_hot_rows(labels, probs.shape[-1]), thresholds, classes)
     y = torch.as_tensor(list(labels))
     mean = probs.mean(0)
     pred = mean.argmax(-1)

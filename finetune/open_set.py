@@ -123,6 +123,10 @@ def unknown_setup(value: Any, members: list, tta: list[str], key: str = "unknown
     share = parse_unknown(value, key)
     if share is None:
         return None
+    if members[0].multilabel:
+        raise FinetuneError(f"{key}={value} works with one class per image, and {members[0].path} is multi-label "
+                            f"(task=multilabel): an image of none of its classes already gets no label (every "
+                            f"probability below its class's threshold). Predict without {key}=.")
     if len(members) > 1:
         raise FinetuneError(f"{key}={value} works with one checkpoint, and ckpt= names an ensemble of {len(members)}: "
                             f"each member has its own threshold. Pass one member (e.g. ckpt={members[0].path}), or "
@@ -147,7 +151,8 @@ def split_outputs(module: nn.Module, samples: list[tuple[str, int]], preprocessi
     from finetune.data.datamodule import ImageListDataset, decode_side
     from finetune.data.transforms import eval_transform
 
-    dataset = ImageListDataset(samples, eval_transform(preprocessing), max_side=decode_side(preprocessing))
+    dataset = ImageListDataset([(p, -1) for p, _ in samples], eval_transform(preprocessing),
+                               max_side=decode_side(preprocessing))
     net = module.to(device).eval().net
     logits, features = [], []
     with torch.inference_mode():
@@ -164,6 +169,9 @@ def fit_open_set(options, scored: str | None, index, cfg, no_validation: str | N
     mode, kind, reject = str(options.fit).lower(), str(options.score).lower(), float(options.reject)
     if mode == "false":
         return {"skipped": "open_set.fit=false"}
+    if index.multilabel:
+        return {"skipped": "task=multilabel: an image may show none of the classes already (every probability "
+                           "below its threshold)"}
     if no_validation or not index.splits.get("val"):
         return {"skipped": f"no validation split to fit the threshold on ({no_validation or 'empty'})"}
     if scored is None:

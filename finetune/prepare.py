@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import build_optimizer_and_scheduler
 from finetune.data.datamodule import ImageDataModule
-from finetune.data.datasets import DatasetIndex, scan_configured, scan_dataset
+from finetune.data.datasets import label_list, scan_configured, scan_dataset
 from finetune.data.feature_cache import CachedFeatureDataModule
 from finetune.data.imbalance import choose as choose_imbalance
+from finetune.data.imbalance import choose_multilabel
 from finetune.data.mixing import build_batch_mixer
 from finetune.data.transforms import resolve_preprocessing
 from finetune.data.validate import validate_dataset
@@ -64,7 +65,7 @@ def recipe_before_measurement(cfg: DictConfig) -> tuple[DictConfig, RecipeDecisi
     whether a val split exists on disk): ``cfg`` with its choices, and the decision."""
     if str(cfg.recipe.name) != "auto":  # recipe=off: nothing to read
         return cfg, RecipeDecision(str(cfg.recipe.name))
-    index = scan_dataset(cfg.data.root, 0.0, cfg.data.test_fraction, cfg.data.split_seed)
+    index = scan_dataset(cfg.data.root, 0.0, cfg.data.test_fraction, cfg.data.split_seed, task=str(cfg.task))
     return before_measurement(cfg, index, pretrained_input_size(cfg.model.backbone))
 
 
@@ -141,8 +142,10 @@ def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, 
                  no_validation: str | None, resume: str | None, trainer: L.Trainer):
     """(LightningModule, the datamodule fit runs on, the batch mixer or None, the imbalance choice); ``trainer``
     says where the steps run (loader workers follow it)."""
-    imbalance = choose_imbalance(cfg.loss.class_weights, cfg.data.sampler, [y for _, y in index.splits["train"]],
-                                 index.classes, float(cfg.data.imbalance_ratio))
+    train_labels = [y for _, y in index.splits["train"]]
+    imbalance = (choose_multilabel(cfg.loss.class_weights, train_labels, index.classes) if index.multilabel else
+                 choose_imbalance(cfg.loss.class_weights, cfg.data.sampler, train_labels, index.classes,
+                                  float(cfg.data.imbalance_ratio)))
     log.info("Class balance: %s%s", imbalance.reason,
              "; cached features train the head full-batch, so data.sampler=balanced does not apply"
              if use_cache and imbalance.sampler == "balanced" else "")
@@ -163,7 +166,7 @@ def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, 
         processes_per_machine=trainer.num_devices,
     )
     optimizer, scheduler, scheduler_options = build_optimizer_and_scheduler(cfg)
-    mixer = build_batch_mixer(augment, len(index.classes))  # MixUp / CutMix mix images: not cached features
+    mixer = build_batch_mixer(augment, len(index.classes), index.multilabel)  # images only: not cached features
     if cfg.model.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if cfg.model.compile:
@@ -173,7 +176,8 @@ def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, 
                     frozen_bn_eval=bool(policy_cfg["frozen_bn_eval"]),
                     eval_stage="train_eval" if no_validation else "val",
                     head_solver=head_solver, head_l2=float(policy_cfg["head_l2"]),
-                    class_weights=None if imbalance.class_weights is None else tuple(imbalance.class_weights))
+                    class_weights=None if imbalance.class_weights is None else tuple(imbalance.class_weights),
+                    task=index.task)
     kind = FeatureHeadClassifier if use_cache else ImageClassifier  # on cached features, or on images
     module = kind(net, spec, index.classes, preprocessing, recipe, regularization, plan, stage_map)
     views = int(policy_cfg["cache_views"] or 0) if augment_is_active(augment) else 0
@@ -272,10 +276,9 @@ def without_validation(index, cfg: DictConfig, trainer: L.Trainer):
     ``train_eval/loss``: lowering the LR when training stops improving is still a sound schedule."""
     removed = [s for s in ("val", "test") if s in index.splits and not index.splits[s]]
     if removed:  # the data check left none of their images
-        index = DatasetIndex(index.root, index.layout, index.classes,
-                             {s: v for s, v in index.splits.items() if s not in removed}, index.ignored_files)
+        index = replace(index, splits={s: v for s, v in index.splits.items() if s not in removed})
     if "val" in index.splits:
-        missing = sorted(set(range(len(index.classes))) - {y for _, y in index.splits["val"]})
+        missing = sorted(set(range(len(index.classes))) - {c for _, y in index.splits["val"] for c in label_list(y)})
         if missing:
             log.warning("Classes with no validation image: %s. val/* does not measure them (data.val_fraction gives "
                         "a class one when it has 3 or more images).", ", ".join(index.classes[i] for i in missing))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from finetune.conf import preset
 from finetune.data.datamodule import decode_side
-from finetune.data.datasets import DatasetIndex
+from finetune.data.datasets import DatasetIndex, label_list, stratum
 from finetune.data.images import BadImageError, load_image
 from finetune.data.mixing import build_batch_mixer
 from finetune.data.transforms import Preprocessing, eval_transform, train_transform
@@ -30,8 +31,9 @@ def _pick(index: DatasetIndex, rows: int, seed: int) -> list[tuple[str, int]]:
     """Up to ``rows`` training images, cycling through the classes so each one shows."""
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[tuple[str, int]]] = {}
+    frequency = Counter(c for _, label in index.splits["train"] for c in label_list(label))
     for sample in index.splits["train"]:
-        by_class.setdefault(sample[1], []).append(sample)
+        by_class.setdefault(stratum(sample[1], frequency), []).append(sample)
     for samples in by_class.values():
         rng.shuffle(samples)
     picked, depth = [], 0
@@ -76,7 +78,7 @@ def write_preview_or_warn(index: DatasetIndex, pp: Preprocessing, augment: Mappi
 def _draw_grid(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, Any] | None, rows: int, draws: int,
                seed: int) -> list[list[tuple[np.ndarray, str]]]:
     evaluate, augmented = eval_transform(pp), train_transform(pp, augment, seed=seed)
-    mixer = build_batch_mixer(augment, len(index.classes))
+    mixer = None if index.multilabel else build_batch_mixer(augment, len(index.classes))  # mixes class weights
     grid: list[list[tuple[np.ndarray, str]]] = []
     first_draws, samples, skipped = [], [], []
     for path_, label in _pick(index, len(index.splits["train"]), seed):  # all, in order: a bad file's turn passes on
@@ -88,7 +90,8 @@ def _draw_grid(index: DatasetIndex, pp: Preprocessing, augment: Mapping[str, Any
             skipped.append(str(e))
             continue
         samples.append((path_, label))
-        row = [(_to_image(evaluate(image=image)["image"], pp), f"{index.classes[label]}\n(evaluation)")]
+        name = "+".join(index.classes[c] for c in label_list(label)) or "(no label)"
+        row = [(_to_image(evaluate(image=image)["image"], pp), f"{name}\n(evaluation)")]
         for d in range(draws):
             x = augmented(image=image)["image"]
             if d == 0:

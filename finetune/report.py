@@ -149,9 +149,8 @@ def _section(what: str, blocks: list[Block], problems: list[str]) -> Iterator[No
 def _summary_blocks(run_dir: Path, metrics: dict[str, Any], cfg: Any) -> list[Block]:
     """The title, a warning when there was no validation split, and the headline scores."""
     blocks: list[Block] = [("h", f"finetune run: {Path(run_dir).name}", 1)]
-    keys = ("val/acc", "val/balanced_acc", "val/macro_f1", "val/loss", "train_eval/acc", "train_eval/balanced_acc",
-            "train_eval/macro_f1", "train_eval/loss", "test/acc", "test/balanced_acc", "test/macro_f1", "test/loss",
-            "epochs", "fit_seconds")
+    per_split = ("map", "micro_f1", "acc", "balanced_acc", "macro_f1", "loss")  # map, micro_f1: task=multilabel
+    keys = (*(f"{split}/{k}" for split in ("val", "train_eval", "test") for k in per_split), "epochs", "fit_seconds")
     summary = [[k, _fmt(metrics[k])] for k in keys if k in metrics]
     speed = metrics.get("throughput")
     if speed:  # which of model and input pipeline set the pace (finetune/throughput.py)
@@ -174,7 +173,7 @@ def _dataset_blocks(run_dir: Path, index) -> list[Block]:
     """Images per class and split, and the data check's findings (RUN/data_report.json)."""
     classes = index.classes
     blocks: list[Block] = [("h", "Dataset"), ("p", index.summary())]
-    counts = {split: np.bincount([y for _, y in s], minlength=len(classes)) for split, s in index.splits.items()}
+    counts = {split: list(per_class.values()) for split, per_class in index.counts().items()}
     blocks.append(("table", ["class", *counts],
                    [[c, *(int(counts[s][i]) for s in counts)] for i, c in enumerate(classes)]))
     data_report = Path(run_dir) / "data_report.json"
@@ -278,6 +277,31 @@ def _add_per_class(run_dir: Path, index, metrics: dict[str, Any], split_probs: d
                       int(scores["support"][i])] for i, c in enumerate(classes)])]
 
 
+def _multilabel_blocks(index, metrics: dict[str, Any], split_probs: dict[str, np.ndarray]) -> list[Block]:
+    """task=multilabel: per class, its average precision, tuned threshold and precision / recall / F1 there."""
+    m = metrics.get("multilabel") or {}
+    split = "test" if "test" in m else "val"
+    if split not in m or split not in split_probs:
+        return []
+    from finetune.multilabel import multi_hot_rows
+
+    targets = multi_hot_rows([y for _, y in index.splits[split]], len(index.classes)).numpy() > 0.5
+    cuts = np.array([m["thresholds"][c] for c in index.classes])
+    predicted = split_probs[split] >= cuts
+    tp, positives, called = (predicted & targets).sum(0), targets.sum(0), predicted.sum(0)
+    tuned, plain = m[split]["tuned"], m[split]["at_0.5"]
+    rows = [[c, tuned["per_class_ap"][c] if tuned["per_class_ap"][c] is not None else "n/a", float(cuts[i]),
+             round(float(tp[i] / max(called[i], 1)), 4), round(float(tp[i] / max(positives[i], 1)), 4),
+             round(float(2 * tp[i] / max(called[i] + positives[i], 1)), 4), int(positives[i])]
+            for i, c in enumerate(index.classes)]
+    return [("h", f"Per-class results ({split} split, several labels per image)"),
+            ("p", (f"mAP {tuned['map']:.4f}; micro F1 {tuned['micro_f1']:.4f} and macro F1 {tuned['macro_f1']:.4f} "
+                   f"at the per-class thresholds ({m['thresholds_from']}), against micro F1 {plain['micro_f1']:.4f} "
+                   f"at 0.5; every label right on {tuned['acc']:.1%} of the images. finetune-predict writes every "
+                   f"class at or above its threshold.")),
+            ("table", ["class", "AP", "threshold", "precision", "recall", "F1", "images with it"], rows)]
+
+
 def _add_calibration(run_dir: Path, metrics: dict[str, Any], blocks: list[Block], problems: list,
                      files: dict[str, Any]) -> None:
     """Temperature scaling: T, ECE and NLL before/after per split, and the reliability diagram (test, else val)."""
@@ -348,10 +372,13 @@ def write_report(run_dir: Path, *, index, record: dict[str, Any], metrics: dict[
     blocks += [("h", "Transfer policy"), ("pre", policy_block)]
     blocks += _recipe_blocks(run_dir, metrics, cfg)
     _add_curves(run_dir, metrics.get("lr_reductions") or [], blocks, problems, files)
-    _add_per_class(run_dir, index, metrics, split_probs, blocks, problems, files)
-    _add_calibration(run_dir, metrics, blocks, problems, files)
-    blocks += _open_set_blocks(metrics)
-    _add_wrong(run_dir, index, split_probs, preprocessing, blocks, problems, files)
+    if index.multilabel:
+        blocks += _multilabel_blocks(index, metrics, split_probs)
+    else:
+        _add_per_class(run_dir, index, metrics, split_probs, blocks, problems, files)
+        _add_calibration(run_dir, metrics, blocks, problems, files)
+        blocks += _open_set_blocks(metrics)
+        _add_wrong(run_dir, index, split_probs, preprocessing, blocks, problems, files)
 
     write_text(Path(run_dir) / "report.md", to_markdown(blocks))
     write_text(Path(run_dir) / "report.html", to_html(blocks, f"finetune run {Path(run_dir).name}"))

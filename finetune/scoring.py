@@ -145,6 +145,8 @@ def calibrate_checkpoint(mode: str, scored: str | None, index, cfg,
     per split (as :func:`split_probabilities` gives them), or None when skipped."""
     if mode == "false" or mode is False:
         return {"skipped": "calibrate=false"}, None
+    if index.multilabel:
+        return {"skipped": "task=multilabel: a sigmoid per class, with per-class thresholds tuned on val instead"}, None
     if no_validation or not index.splits.get("val"):
         return {"skipped": f"no validation split to fit the temperature on ({no_validation or 'empty'})"}, None
     if scored is None:

@@ -31,6 +31,7 @@ from finetune.errors import FinetuneError, ProcessLost, TrainingInterrupted
 from finetune.history import HistoryCSVLogger
 from finetune.members import ENSEMBLE_FILE
 from finetune.models.backbone import check_backbone_name
+from finetune.multilabel import fit_thresholds
 from finetune.open_set import fit_open_set
 from finetune.prepare import NO_VALIDATION, Prepared, prepare_run, recipe_before_measurement
 from finetune.preview import write_preview_or_warn
@@ -63,6 +64,7 @@ from finetune.scoring import (
     summary,
     trainer_scores,
 )
+from finetune.task import with_task_defaults
 from finetune.throughput import TrainThroughput, describe
 from finetune.trackers import close_trackers, log_run_files
 
@@ -80,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:  # a bad config creates no run folder
         validate_train_config(cfg)
         cfg, run_dir = run_config(cfg)
+    cfg = with_task_defaults(cfg)
     check_backbone_name(cfg.model.backbone)  # a typo fails before any data is read
     # Under DDP every rank runs this; rank 0 owns the folder (the others start once it is training).
     with run_folder_lock(run_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext():
@@ -288,6 +291,14 @@ def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, An
         log.info("Calibration: temperature %.3f fitted on %s; expected calibration error on val %.4f -> %.4f%s",
                  c["temperature"], c["fitted_on"], c["val"]["ece_before"], c["val"]["ece_after"],
                  f", on test {c['test']['ece_before']:.4f} -> {c['test']['ece_after']:.4f}" if "test" in c else "")
+    if index.multilabel:
+        metrics["multilabel"] = fit_thresholds(scored, index, cfg, no_validation)
+        m = metrics["multilabel"]
+        for split in ("val", "test"):
+            if split in m:
+                log.info("Multi-label %s: mAP %.4f, micro F1 %.4f at the tuned thresholds (%.4f at 0.5), macro F1 %.4f",
+                         split, m[split]["tuned"]["map"], m[split]["tuned"]["micro_f1"], m[split]["at_0.5"]["micro_f1"],
+                         m[split]["tuned"]["macro_f1"])
     metrics["open_set"] = fit_open_set(cfg.open_set, scored, index, cfg, no_validation)
     if str(cfg.open_set.fit).lower() == "true" and "skipped" in metrics["open_set"]:
         log.warning("open_set.fit=true, but no unknown-image threshold was fitted: %s.", metrics["open_set"]["skipped"])
@@ -310,7 +321,8 @@ def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, An
         metrics.update(report_or_warning(run_dir, scored, index, run.record, metrics, cfg, run.preprocessing,
                                          scored_probs))
         write_json(run_dir / "metrics.json", metrics)
-    shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("val/acc", "train_eval/acc", "test/acc") if k in metrics)
+    shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("val/acc", "val/map", "train_eval/acc", "test/acc", "test/map")
+                      if k in metrics)
     log.info("Finished in %.1f s (%d epochs): %s", fit_seconds, metrics["epochs"], shown)
     if no_validation:
         log.warning("No validation split (%s): train_eval/acc is measured on the training images.", no_validation)

@@ -152,3 +152,29 @@ def digits_run(tmp_path_factory) -> dict[str, Path]:
                      "trainer.max_epochs=4", "augment=none", cwd=base)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"root": root, "unknown": unknown, "run": run}
+
+
+def digit_pairs_csv(root: Path, per_split: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """A real multi-label set: scikit-learn digits side by side (8 x 16 px), labelled with both digits; one image
+    in four shows a single digit beside a blank. ``root``/labels.csv has path,labels,split (labels like 3;7)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    images = (d.images * 255 / 16).astype(np.uint8)
+    per_split = per_split or {"train": 160, "val": 60, "test": 80}
+    order = rng.permutation(len(images))
+    cut = np.cumsum([0, *(2 * n for n in per_split.values())])
+    rows = []
+    root.mkdir(parents=True, exist_ok=True)
+    for (split, n), start in zip(per_split.items(), cut):
+        pool = order[start:start + 2 * n]  # each split draws its digits from its own scans
+        for i in range(n):
+            a, b = pool[2 * i], pool[2 * i + 1]
+            single = rng.random() < 0.25 or d.target[a] == d.target[b]
+            right = np.zeros_like(images[b]) if single else images[b]
+            name = f"{split}_{i}.png"
+            Image.fromarray(np.hstack([images[a], right])).save(root / name)
+            labels = {int(d.target[a])} if single else {int(d.target[a]), int(d.target[b])}
+            rows.append([name, ";".join(str(c) for c in sorted(labels)), split])
+    return write_csv(root / "labels.csv", ["path", "labels", "split"], rows)

@@ -41,14 +41,69 @@ def _why_missing(path: Path, raw: str) -> str:
     return f"{path}: does not exist"
 
 
-def scan_csv(csv_path: Path, key: str) -> tuple[dict[str, list[tuple[str, str]]], dict[str, list[str]]]:
-    """(path, label) per split, as listed (repeats included), and where each path is listed ("line 7 (val)")."""
-    header, rows = _read_csv(csv_path, key)
-    if not {"path", "label"} <= set(header):
+# Several labels in one field (task=multilabel): "a;b" or "a|b". Inside the program a sample's labels are one string,
+# the class names sorted and joined by LABEL_JOIN (so the listing checks compare them as they compare single labels).
+LABEL_SEPARATORS = (";", "|")
+LABEL_JOIN = ";"
+ONE_HOT_VALUES = {"0": False, "1": True, "": False, "false": False, "true": True}
+
+
+def split_labels(joined: str) -> list[str]:
+    """A sample's class names from the joined form (task=multilabel); [] for an image with no label."""
+    return joined.split(LABEL_JOIN) if joined else []
+
+
+def _multilabel_layout(header: list[str], csv_path: Path, key: str, task: str) -> str:
+    """'single' (a label column), 'labels' (a labels column, several per row) or 'one_hot' (a 0/1 column per
+    class), refused where the task cannot use it."""
+    if "path" not in header:
         raise FinetuneError(
             f"{key}={csv_path} needs a header row with columns 'path' and 'label' (and optionally "
-            f"'split' = train|val|test), separated by commas; found columns: {sorted(header) or 'none (empty file)'}."
-        )
+            f"'split' = train|val|test), separated by commas; for several labels per image (task=multilabel) "
+            f"'path' and 'labels' (e.g. cat;dog), or 'path' and one 0/1 column per class; found columns: "
+            f"{sorted(header) or 'none (empty file)'}.")
+    others = [h for h in header if h not in ("path", "split")]
+    layout = "single" if "label" in header else "labels" if "labels" in header else "one_hot" if others else ""
+    if not layout or (layout == "single" and "labels" in header):
+        raise FinetuneError(
+            f"{key}={csv_path} needs a 'label' column (one class per image), a 'labels' column (several, e.g. "
+            f"cat;dog, with task=multilabel) or one 0/1 column per class; found columns: {sorted(header)}.")
+    if task != "multilabel" and layout != "single":
+        kind = "a 'labels' column" if layout == "labels" else f"0/1 columns per class ({', '.join(others[:4])})"
+        raise FinetuneError(
+            f"{key}={csv_path} has {kind}: several labels per image. Pass task=multilabel to train a multi-label "
+            f"classifier (a sigmoid per class), or give each image one class in a 'label' column.")
+    return layout
+
+
+def _row_labels(layout: str, row: dict[str, str], columns: list[str], where: str, seen_separators: dict) -> str:
+    """The row's labels, joined (multi-label layouts), checked for mixed separators and non-0/1 cells."""
+    if layout == "one_hot":
+        bad = [(c, row.get(c, "")) for c in columns if row.get(c, "").lower() not in ONE_HOT_VALUES]
+        if bad:
+            raise FinetuneError(f"{where}: column '{bad[0][0]}' holds {bad[0][1]!r}; in a one-column-per-class CSV "
+                                f"every cell is 0 or 1 (1: the image shows that class).")
+        return LABEL_JOIN.join(sorted(c for c in columns if ONE_HOT_VALUES[row.get(c, "").lower()]))
+    text = row.get("labels" if layout == "labels" else "label", "")
+    used = [sep for sep in LABEL_SEPARATORS if sep in text]
+    for sep in used:
+        seen_separators.setdefault(sep, where)
+    if len(seen_separators) > 1:
+        first, second = list(seen_separators.items())[:2]
+        raise FinetuneError(f"{where}: the labels mix separators ('{first[0]}' at {first[1]}, '{second[0]}' at "
+                            f"{second[1]}); separate several labels the same way everywhere, e.g. cat;dog.")
+    names = [n.strip() for n in (text.split(used[0]) if used else [text]) if n.strip()]
+    return LABEL_JOIN.join(sorted(set(names)))
+
+
+def scan_csv(csv_path: Path, key: str,
+             task: str = "multiclass") -> tuple[dict[str, list[tuple[str, str]]], dict[str, list[str]]]:
+    """(path, label) per split, as listed (repeats included), and where each path is listed ("line 7 (val)").
+    With task=multilabel the label is the row's class names joined (``split_labels`` reads them back)."""
+    header, rows = _read_csv(csv_path, key)
+    layout = _multilabel_layout(header, csv_path, key, task)
+    columns = [h for h in header if h not in ("path", "split")]
+    separators: dict[str, str] = {}
     pairs: dict[str, list[tuple[str, str]]] = {}
     origins: dict[str, list[str]] = {}
     missing = []
@@ -59,8 +114,12 @@ def scan_csv(csv_path: Path, key: str) -> tuple[dict[str, list[tuple[str, str]]]
                 f"Quote a path or label that contains the delimiter (\"a,b.jpg\")."
             )
         row = dict(zip(header, (f.strip() for f in fields)))
-        raw, label = row.get("path", ""), row.get("label", "")
-        if not raw or not label:
+        raw = row.get("path", "")
+        if task == "multilabel":
+            label = _row_labels(layout, row, columns, f"{csv_path} line {line_no}", separators)
+        else:
+            label = row.get("label", "")
+        if not raw or (not label and task != "multilabel"):
             raise FinetuneError(f"{csv_path} line {line_no}: the row needs both a path and a label, got {fields}.")
         split = (row.get("split") or "train").lower()
         canonical = next((k for k, names in SPLIT_ALIASES.items() if split in names), None)
@@ -77,6 +136,12 @@ def scan_csv(csv_path: Path, key: str) -> tuple[dict[str, list[tuple[str, str]]]
         resolved = str(path.resolve())
         pairs.setdefault(canonical, []).append((resolved, label))
         origins.setdefault(resolved, []).append(f"line {line_no} ({canonical})")
+    if layout == "one_hot":  # a class column without one training image marked 1 would be dropped unseen
+        positive = {n for _, label in pairs.get("train", []) for n in split_labels(label)}
+        empty = [c for c in columns if c not in positive]
+        if empty and pairs.get("train"):
+            raise FinetuneError(f"{key}={csv_path}: the class column(s) {', '.join(empty)} have no training row "
+                                f"marked 1; every class needs training images. Remove the column(s) or mark them.")
     if missing:
         shown = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise FinetuneError(
@@ -86,12 +151,18 @@ def scan_csv(csv_path: Path, key: str) -> tuple[dict[str, list[tuple[str, str]]]
     return pairs, origins
 
 
-def csv_classes(csv_path: Path, key: str, pairs: dict[str, list[tuple[str, str]]]) -> list[str]:
+def csv_classes(csv_path: Path, key: str, pairs: dict[str, list[tuple[str, str]]],
+                task: str = "multiclass") -> list[str]:
+    """The classes: those of the training rows (multilabel: every name in them)."""
     if not pairs.get("train"):
         raise FinetuneError(f"{key}={csv_path} lists no training images (rows with split train or no split).")
-    classes = sorted({c for _, c in pairs["train"]})
+
+    def names(label: str) -> list[str]:
+        return split_labels(label) if task == "multilabel" else [label]
+
+    classes = sorted({n for _, c in pairs["train"] for n in names(c)})
     for split, items in pairs.items():
-        unknown = sorted({c for _, c in items} - set(classes))
+        unknown = sorted({n for _, c in items for n in names(c)} - set(classes))
         if unknown:
             raise FinetuneError(
                 f"{csv_path}: labels {unknown} appear in split '{split}' but not in train; "

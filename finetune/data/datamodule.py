@@ -34,6 +34,15 @@ def decode_side(pp: Preprocessing) -> int:
     return 2 * pp.resize_size
 
 
+def multi_hot(label: tuple[int, ...], num_classes: int | None) -> torch.Tensor:
+    """Several class indices (task=multilabel) as the 0/1 float target of a sigmoid per class."""
+    if num_classes is None:
+        raise ValueError("a multi-label sample needs the dataset's num_classes")
+    target = torch.zeros(num_classes)
+    target[list(label)] = 1.0
+    return target
+
+
 class ImageListDataset(Dataset):
     """(image tensor, label) for a list of (path, label); decoded arrays are used when given.
 
@@ -42,8 +51,10 @@ class ImageListDataset(Dataset):
     left it out; otherwise the error names the file."""
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, images: Sequence[np.ndarray] | None = None,
-                 max_side: int | None = None, on_bad_file: str = "error"):
+                 max_side: int | None = None, on_bad_file: str = "error", num_classes: int | None = None):
         self.samples = list(samples)
+        # task=multilabel: a sample's tuple of class indices becomes a 0/1 float vector of num_classes
+        self.num_classes = num_classes
         self.transform = transform
         self.images = images
         self.max_side = max_side
@@ -58,6 +69,8 @@ class ImageListDataset(Dataset):
             image, label = self.images[i], self.samples[i][1]
         else:
             image, label = self._load(i)
+        if isinstance(label, tuple):
+            label = multi_hot(label, self.num_classes)
         return self.transform(image=image)["image"], label
 
     def _load(self, i: int) -> tuple[np.ndarray, int]:
@@ -220,7 +233,8 @@ class ImageDataModule(L.LightningDataModule):
             if images is not None and any(image is None for image in images):  # failed since the check: left out
                 samples = [s for s, image in zip(samples, images) if image is not None]
                 images = [image for image in images if image is not None]
-            self.datasets[split] = ImageListDataset(samples, transform, images, self.max_side, self.on_bad_file)
+            self.datasets[split] = ImageListDataset(samples, transform, images, self.max_side, self.on_bad_file,
+                                                    len(self.index.classes) if self.index.multilabel else None)
         preloaded = all(d.images is not None for d in self.datasets.values())
         self.num_workers = self._resolve_workers(preloaded)
         log.info(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune.data.csv_index import csv_classes, scan_csv
+from finetune.data.csv_index import csv_classes, scan_csv, split_labels
 from finetune.data.folders import IMAGE_EXTENSIONS, entries, find_split_dir, list_images, scan_class_folders
 from finetune.data.listing import check_listing, similar_class_names
 from finetune.errors import FinetuneError
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Sample = tuple[str, int]  # (absolute path, class index)
+Sample = tuple[str, int]  # (absolute path, class index); task=multilabel: (path, tuple of class indices)
 
 
 @dataclass
@@ -38,21 +38,39 @@ class DatasetIndex:
     # What the scan found in the listing itself (same path listed twice, with two labels, in two splits),
     # in the data report's shape ({kind, path, split, skipped, detail}); the data check adds them to its report.
     problems: list[dict] = field(default_factory=list)
+    task: str = "multiclass"  # multiclass | multilabel (labels are tuples of class indices)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Images per class for each split, by class name."""
+        """Images per class for each split, by class name (multilabel: images showing the class)."""
         out = {}
         for split, samples in self.splits.items():
-            per_class = Counter(label for _, label in samples)
+            per_class = Counter(c for _, label in samples for c in label_list(label))
             out[split] = {name: per_class.get(i, 0) for i, name in enumerate(self.classes)}
         return out
 
     def summary(self) -> str:
         parts = [f"{split}={len(s)}" for split, s in self.splits.items()]
         return (
-            f"{len(self.classes)} classes, {', '.join(parts)} images "
-            f"(layout: {self.layout}, root: {self.root})"
+            f"{len(self.classes)} classes{' (several per image)' if self.multilabel else ''}, {', '.join(parts)} "
+            f"images (layout: {self.layout}, root: {self.root})"
         )
+
+
+def stratum(label: int | tuple[int, ...], frequency: Counter) -> int:
+    """The class a sample is stratified by: its class; with several, its rarest (-1: none), so that the rare
+    classes of a multi-label set reach every split and every probe fold too."""
+    if not isinstance(label, tuple):
+        return label
+    return min(label, key=lambda c: (frequency[c], c), default=-1)
+
+
+def label_list(label: int | tuple[int, ...]) -> tuple[int, ...]:
+    """A sample's class indices: (label,) for one class, the tuple itself for several (task=multilabel)."""
+    return label if isinstance(label, tuple) else (label,)
 
 
 def stratified_split(
@@ -66,8 +84,9 @@ def stratified_split(
     """
     rng = random.Random(seed)
     by_class: dict[int, list[Sample]] = {}
+    frequency = Counter(c for _, label in samples for c in label_list(label))
     for s in samples:
-        by_class.setdefault(s[1], []).append(s)
+        by_class.setdefault(stratum(s[1], frequency), []).append(s)
     out: dict[str, list[Sample]] = {"train": [], **{k: [] for k in fractions}}
     for label in sorted(by_class):
         items = sorted(by_class[label])
@@ -83,20 +102,29 @@ def stratified_split(
     return {k: v for k, v in out.items() if v or k == "train"}
 
 
-def _index_from_pairs(pairs_by_split: dict[str, list[tuple[str, str]]], classes: list[str]) -> dict[str, list[Sample]]:
+def _index_from_pairs(pairs_by_split: dict[str, list[tuple[str, str]]], classes: list[str],
+                      task: str = "multiclass") -> dict[str, list[Sample]]:
     lookup = {name: i for i, name in enumerate(classes)}
+    if task == "multilabel":
+        return {split: [(p, tuple(sorted(lookup[n] for n in split_labels(c)))) for p, c in pairs]
+                for split, pairs in pairs_by_split.items()}
     return {split: [(p, lookup[c]) for p, c in pairs] for split, pairs in pairs_by_split.items()}
 
 
-def _scan_layout(root: Path, key: str) -> tuple[str, dict[str, list[tuple[str, str]]], list[str], list[dict],
-                                                 list[str]]:
+def _scan_layout(root: Path, key: str, task: str = "multiclass") -> tuple[str, dict[str, list[tuple[str, str]]],
+                                                                          list[str], list[dict], list[str]]:
     """The layout, (path, class name) per split, the classes, the listing's problems and the non-image files."""
     ignored: list[str] = []
+    if task == "multilabel" and not root.is_file():
+        raise FinetuneError(
+            f"task=multilabel needs several labels per image, and {key}={root} is a folder, where each image has "
+            f"the one class of its folder. List the images in a CSV instead: columns path,labels (e.g. "
+            f"photos/1.jpg,cat;dog) or path and one 0/1 column per class, optional split; then {key}=FILE.csv.")
     if root.is_file():  # a .csv: scan_dataset's check_data_root refused any other file
         layout = "csv"
-        pairs, origins = scan_csv(root, key)
+        pairs, origins = scan_csv(root, key, task)
         pairs, problems = check_listing(pairs, origins)
-        classes = csv_classes(root, key, pairs)
+        classes = csv_classes(root, key, pairs, task)
     elif (train_dir := find_split_dir(root, "train")) is not None and any(p.is_dir() for p in entries(train_dir)):
         layout = "split_folders"
         pairs = {"train": scan_class_folders(train_dir, key, None, ignored)}
@@ -118,7 +146,7 @@ def scan_configured(cfg: DictConfig) -> DatasetIndex:
     """:func:`scan_dataset` with the run config's ``data.*`` root, split fractions and split seed: every
     command that trains or measures (train, ensemble, advise, preview) scans the same way."""
     data = cfg.data
-    return scan_dataset(data.root, data.val_fraction, data.test_fraction, data.split_seed)
+    return scan_dataset(data.root, data.val_fraction, data.test_fraction, data.split_seed, task=str(cfg.task))
 
 
 def scan_dataset(
@@ -128,6 +156,7 @@ def scan_dataset(
     seed: int = 0,
     key: str = "data.root",
     min_classes: int = 2,
+    task: str = "multiclass",
 ) -> DatasetIndex:
     """Scan ``root`` (any of the three layouts) and return classes and train/val(/test) samples.
 
@@ -137,13 +166,13 @@ def scan_dataset(
     from finetune.config_checks import check_data_root  # set, exists, a folder or a .csv: the same messages
 
     root = check_data_root(root, key)
-    layout, pairs, classes, problems, ignored = _scan_layout(root, key)
+    layout, pairs, classes, problems, ignored = _scan_layout(root, key, task)
     if len(classes) < min_classes:
         raise FinetuneError(
             f"{key}={root} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least 2. "
             f"Put each class's images in its own sub-folder."
         )
-    splits = _index_from_pairs(pairs, classes)
+    splits = _index_from_pairs(pairs, classes, task)
     to_carve = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in splits and f > 0}
     if to_carve:
         carved = stratified_split(splits["train"], to_carve, seed)
@@ -154,7 +183,7 @@ def scan_dataset(
             ", ".join(ignored[:5]), " ..." if len(ignored) > 5 else "",
         )
     order = [s for s in ("train", "val", "test") if s in splits]
-    return DatasetIndex(str(root), layout, classes, {s: splits[s] for s in order}, ignored, problems)
+    return DatasetIndex(str(root), layout, classes, {s: splits[s] for s in order}, ignored, problems, task)
 
 
 def scan_inputs(path: str | Path, key: str = "input") -> list[str]:

@@ -75,7 +75,8 @@ class CachedFeatureDataModule(L.LightningDataModule):
         """The clean features plus ``augmented_views`` passes through the training transform."""
         base = self.images.datasets["train"]
         augmented = ImageListDataset(base.samples, train_transform(self.images.preprocessing, self.augment),
-                                     images=base.images, max_side=base.max_side, on_bad_file=base.on_bad_file)
+                                     images=base.images, max_side=base.max_side, on_bad_file=base.on_bad_file,
+                                     num_classes=base.num_classes)
         loader = DataLoader(augmented, batch_size=self.images.eval_batch_size, num_workers=self.images.num_workers)
         feats, labels = [clean.tensors[0]], [clean.tensors[1]]
         for _ in range(self.augmented_views):

@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from finetune.data.datasets import DatasetIndex
+from finetune.data.datasets import DatasetIndex, label_list
 from finetune.data.file_checks import check_files
 from finetune.errors import FinetuneError
 
@@ -113,7 +113,7 @@ def _content_duplicates(index: DatasetIndex, where: dict[str, str], splits_of: d
         if len(paths) < 2:
             continue
         splits = sorted({s for p in paths for s in splits_of[p]})
-        labels = sorted({index.classes[y] for p in paths for y in labels_of[p]})
+        labels = sorted({"+".join(index.classes[c] for c in label_list(y)) for p in paths for y in labels_of[p]})
         if len(labels) > 1:  # one image, several labels: contradictory training data, like a bad file
             kind = "label_conflict"
             detail = (f"identical content labelled {' and '.join(labels)}: contradictory training data"
@@ -135,7 +135,7 @@ def _content_duplicates(index: DatasetIndex, where: dict[str, str], splits_of: d
 
 def _check_classes(index: DatasetIndex, splits: dict[str, list], imbalance_ratio: float, report: DataReport) -> None:
     """Every class keeps a training image (else an error); a large imbalance is reported."""
-    counts = Counter(y for _, y in splits.get("train", []))
+    counts = Counter(c for _, y in splits.get("train", []) for c in label_list(y))
     empty = [c for i, c in enumerate(index.classes) if counts.get(i, 0) == 0]
     if empty:
         raise FinetuneError(f"Class(es) {', '.join(empty)} have no usable training image after skipping bad files; "
@@ -172,7 +172,7 @@ def validate_dataset(index: DatasetIndex, on_bad_file: str = "skip", min_side: i
     _check_classes(index, splits, imbalance_ratio, report)
     report.seconds = time.perf_counter() - started
     _log(report)
-    cleaned = DatasetIndex(index.root, index.layout, index.classes, splits, index.ignored_files, index.problems)
+    cleaned = replace(index, splits=splits)
     return cleaned, report
 
 

@@ -18,7 +18,7 @@ import torch
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models.backbone import BackboneSpec
-from finetune.models.module import CHECKPOINT_FORMAT, CHECKPOINT_KEY, ImageClassifier
+from finetune.models.module import CHECKPOINT_FORMAT, CHECKPOINT_KEY, ImageClassifier, Recipe
 
 
 @dataclass
@@ -30,6 +30,12 @@ class LoadedCheckpoint:
     temperature: float = 1.0  # fitted on validation after training (finetune/calibration.py); 1: none
     # The "none of these" score and threshold fitted after training (finetune/open_set.py); None: not fitted
     open_set: dict[str, Any] | None = None
+    # task=multilabel: the per-class probability thresholds tuned on validation after training (None: 0.5 each)
+    thresholds: list[float] | None = None
+
+    @property
+    def multilabel(self) -> bool:
+        return self.module.multilabel
 
 
 def read_checkpoint(path: str | Path | None, key: str = "ckpt") -> dict[str, Any]:
@@ -87,14 +93,15 @@ def load_classifier(path: str | Path | None, key: str = "ckpt") -> LoadedCheckpo
         str(meta.get("pooling", "avg")),
     )
     preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-    module = ImageClassifier(spec.build(), spec, list(meta["classes"]), preprocessing)
+    module = ImageClassifier(spec.build(), spec, list(meta["classes"]), preprocessing,
+                             Recipe(task=str(meta.get("task", "multiclass"))))
     try:
         module.load_state_dict(data["state_dict"], strict=True)
     except RuntimeError as e:
         raise FinetuneError(f"{key}={path}: weights do not match {spec.name}: {str(e).splitlines()[0]}") from None
     module.eval()
     return LoadedCheckpoint(module, module.classes, preprocessing, str(path), float(meta.get("temperature", 1.0)),
-                            meta.get("open_set"))
+                            meta.get("open_set"), meta.get("thresholds"))
 
 
 def update_checkpoint(path: str | Path, **values: Any) -> None:

@@ -61,6 +61,13 @@ def head_l2_penalty(head: nn.Module, l2: float) -> torch.Tensor:
     return l2 * head.weight.pow(2).sum()
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for class indices; for 0/1 float rows (task=multilabel), binary cross-entropy per class."""
+    if labels.is_floating_point() and labels.shape == logits.shape:
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    return nn.functional.cross_entropy(logits, labels)
+
+
 def fit_head_lbfgs(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, l2: float,
                    max_iter: int = 200) -> float:
     """Fit a linear head to convergence on fixed features (full batch L-BFGS); returns the final loss."""
@@ -68,7 +75,7 @@ def fit_head_lbfgs(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(head(features), labels) + head_l2_penalty(head, l2)
+        loss = classification_loss(head(features), labels) + head_l2_penalty(head, l2)
         loss.backward()
         return loss
 
@@ -83,7 +90,7 @@ def warm_start_head(net: nn.Module, images: ImageDataModule, l2: float) -> float
     images.setup("fit")
     train = images.datasets["train"]
     plain = ImageListDataset(train.samples, eval_transform(images.preprocessing), train.images, train.max_side,
-                             on_bad_file=train.on_bad_file)
+                             on_bad_file=train.on_bad_file, num_classes=train.num_classes)
     started = time.perf_counter()
     features, labels = pooled_features(net, DataLoader(plain, batch_size=images.eval_batch_size))
     loss = fit_head_lbfgs(net.get_classifier(), features, labels, l2)

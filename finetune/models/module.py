@@ -22,13 +22,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models.backbone import BackboneSpec
 from finetune.models.heads import head_l2_penalty, head_lbfgs
+from finetune.models.metrics import accuracy_metric, extra_metrics
 from finetune.policy.freeze import hold_eval_modes, param_groups, set_trainable, unfreezes_during_training
 from finetune.policy.plan import Plan
 from finetune.policy.stages import StageMap
@@ -62,7 +63,11 @@ class Recipe:
     head_solver: str = "optimizer"
     head_l2: float = 0.0
     # loss.class_weights as resolved for the training split (finetune/data/imbalance.py); None: unweighted.
+    # task=multilabel: the positive-class weights of the binary cross-entropy (pos_weight).
     class_weights: tuple[float, ...] | None = None
+    # multiclass (softmax, cross-entropy) | multilabel (a sigmoid per class, binary cross-entropy); stored in
+    # checkpoints, so inference rebuilds the same head.
+    task: str = "multiclass"
 
 
 class ImageClassifier(L.LightningModule):
@@ -98,21 +103,21 @@ class ImageClassifier(L.LightningModule):
             {"backbone": spec.name, "classes": self.classes, "preprocessing": preprocessing.to_dict()}
         )
         n = len(self.classes)
-        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.train_acc, self.val_acc, self.test_acc = (accuracy_metric(n, self.multilabel) for _ in range(3))
         # Scoring losses as metrics (sum and count, summed over DDP ranks): Lightning's own sync of a logged mean
         # averages the ranks' image counts in integers, which is wrong when the ranks score unequal shares.
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
-        # Honest under class imbalance: balanced accuracy (the mean of per-class recalls) and macro F1.
-        self.val_extra = MetricCollection({"balanced_acc": MulticlassAccuracy(num_classes=n, average="macro"),
-                                           "macro_f1": MulticlassF1Score(num_classes=n, average="macro")})
+        self.val_extra = extra_metrics(n, self.multilabel)
         self.test_extra = self.val_extra.clone()
 
     @property
     def eval_stage(self) -> str:
         return self.recipe.eval_stage
+
+    @property
+    def multilabel(self) -> bool:
+        return self.recipe.task == "multilabel"
 
     @property
     def optimizer_factory(self) -> OptimizerFactory | None:
@@ -157,10 +162,12 @@ class ImageClassifier(L.LightningModule):
         return [UnfreezeSchedule()]
 
     def _cross_entropy(self, logits: torch.Tensor, target: torch.Tensor, stage: str) -> torch.Tensor:
-        if stage != "train":  # scores stay the plain loss
-            return F.cross_entropy(logits, target)
-        weights = self.recipe.class_weights
+        weights = self.recipe.class_weights if stage == "train" else None  # scores stay the plain loss
         weight = None if weights is None else torch.tensor(weights, device=logits.device, dtype=logits.dtype)
+        if self.multilabel:  # a sigmoid per class; the weights (when asked) weigh each class's positives
+            return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), pos_weight=weight)
+        if stage != "train":
+            return F.cross_entropy(logits, target)
         return F.cross_entropy(logits, target, weight=weight, label_smoothing=self.label_smoothing)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str,
@@ -169,7 +176,9 @@ class ImageClassifier(L.LightningModule):
         target = y
         if stage == "train" and self.recipe.batch_mixer is not None:
             x, target = self.recipe.batch_mixer(x, y)  # soft targets; accuracy counts the dominant label
-            y = target.argmax(dim=-1)
+            y = (target >= 0.5).long() if self.multilabel else target.argmax(dim=-1)
+        elif self.multilabel:
+            y = y.long()  # the metrics take 0/1 integers; the loss the float rows
         logits = self(x)
         loss = self._cross_entropy(logits, target, stage)
         if stage == "train" and self.penalty is not None:
@@ -200,7 +209,8 @@ class ImageClassifier(L.LightningModule):
         self._step(batch, "test", self.test_acc)
 
     def predict_step(self, batch, batch_idx):
-        return self(batch[0]).softmax(dim=-1)
+        logits = self(batch[0])
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=-1)
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
@@ -280,6 +290,7 @@ class ImageClassifier(L.LightningModule):
             "pooling": self.spec.pooling,
             "classes": self.classes,
             "preprocessing": self.preprocessing.to_dict(),
+            "task": self.recipe.task,
         }
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.data.datamodule import ImageListDataset, decode_all, decode_side
-from finetune.data.datasets import DatasetIndex, Sample
+from finetune.data.datasets import DatasetIndex, Sample, label_list, stratum
 from finetune.data.transforms import Preprocessing, eval_transform
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,12 @@ class Measurements:
 
 
 def subsample(samples: list[Sample], max_per_class: int, max_images: int, seed: int) -> list[Sample]:
-    """At most ``max_per_class`` per class and ``max_images`` overall, seeded, stratified."""
+    """At most ``max_per_class`` per class and ``max_images`` overall, seeded, stratified (several labels: by the
+    image's rarest class)."""
     by_class: dict[int, list[Sample]] = {}
+    frequency = Counter(c for _, label in samples for c in label_list(label))
     for s in sorted(samples):
-        by_class.setdefault(s[1], []).append(s)
+        by_class.setdefault(stratum(s[1], frequency), []).append(s)
     per_class = max(1, min(max_per_class, max_images // max(1, len(by_class))))
     rng = random.Random(seed)
     out = []
@@ -93,7 +95,8 @@ def _extract(model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_s
              images: list[np.ndarray] | None = None):
     if images is None:
         images = decode_all([p for p, _ in samples], decode_side(pp), float("inf"))
-    loader = DataLoader(ImageListDataset(samples, eval_transform(pp), images), batch_size=batch_size)
+    loader = DataLoader(ImageListDataset([(p, -1) for p, _ in samples], eval_transform(pp), images),
+                        batch_size=batch_size)
     stages: list[list[np.ndarray]] = []
     prelogits, logits = [], []
     for x, _ in loader:
@@ -126,6 +129,23 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int, seed: i
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=300))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return float(np.mean(cross_val_score(clf, features, labels, cv=cv)))
+
+
+def probe_map(features: np.ndarray, targets: np.ndarray, folds: int, seed: int) -> float:
+    """task=multilabel: the mean average precision (over classes) of one-vs-rest standardised logistic
+    regressions, out of fold: the multi-label counterpart of ``probe_accuracy``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(C=0.5, max_iter=300)))
+    cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = cross_val_predict(clf, features, targets, cv=cv, method="decision_function")
+    present = targets.sum(0) > 0
+    return float(average_precision_score(targets[:, present], scores[:, present], average="macro"))
 
 
 def flip_probe_accuracy(features: np.ndarray, flipped: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> float:
@@ -168,19 +188,28 @@ def measure(
     """All measurements for ``index``'s training split against ``model`` (with its pretrained head)."""
     started = time.perf_counter()
     train = index.splits["train"]
-    counts = Counter(label for _, label in train)
+    counts = Counter(c for _, label in train for c in label_list(label))
     per_class = [counts.get(i, 0) for i in range(len(index.classes))]
     picked = subsample(train, max_per_class, max_images, seed)
-    labels = np.array([label for _, label in picked])
-    min_count = min(Counter(labels.tolist()).values())
+    if index.multilabel:  # 0/1 rows; each probe is scored by mean average precision (probe_map)
+        labels = np.zeros((len(picked), len(index.classes)), dtype=int)
+        for row, (_, label) in enumerate(picked):
+            labels[row, list(label)] = 1
+        min_count = int(labels.sum(0)[labels.sum(0) > 0].min())
+        probe, flip = probe_map, False  # a flip probe needs one class per image
+    else:
+        labels = np.array([label for _, label in picked])
+        min_count = min(Counter(labels.tolist()).values())
+        probe = probe_accuracy
     k = max(2, min(folds, min_count))
-    notes = []
+    notes = ["task=multilabel: the probes are one-vs-rest and scored by mean average precision"] if index.multilabel \
+        else []
     if min_count < 2:
         notes.append("a class has a single training image: probe accuracies are unreliable")
     images = decode_all([p for p, _ in picked], decode_side(pp), float("inf"))  # once, for both passes
     stage_feats, pre, logits = extract_features(model, picked, pp, images=images)
-    stage_acc = [round(probe_accuracy(f, labels, k, seed), 4) for f in stage_feats] if min_count >= 2 else []
-    pre_acc = round(probe_accuracy(pre, labels, k, seed), 4) if min_count >= 2 else 0.0
+    stage_acc = [round(probe(f, labels, k, seed), 4) for f in stage_feats] if min_count >= 2 else []
+    pre_acc = round(probe(pre, labels, k, seed), 4) if min_count >= 2 else 0.0
     all_acc = stage_acc + [pre_acc]
     best = int(np.argmax(all_acc)) if stage_acc else len(all_acc) - 1
     best_stage = None if best == len(stage_acc) or all_acc[best] <= pre_acc else best

@@ -226,7 +226,9 @@ def holdout_rule(index, rules: Mapping[str, Any]) -> tuple[float | None, str]:
     """(data.val_fraction, why) when there is no val split on disk and the data is small: train on every image
     (the policy was chosen by cross-validation, the schedule anneals to a fixed end and the last epoch is
     scored, so nothing needs the held-out images), else None (the configured holdout stays)."""
-    per_class = Counter(label for _, label in index.splits["train"])
+    from finetune.data.datasets import label_list
+
+    per_class = Counter(c for _, label in index.splits["train"] for c in label_list(label))
     median = statistics.median(per_class.values()) if per_class else 0
     limit = int(rules["no_holdout_max_per_class"])
     if median > limit:

@@ -8,6 +8,7 @@
 - ``fmnist-longtail``, ``glyphs-longtail``: fmnist-200's / glyphs-all's training images cut to a long tail
   (200, 133, 88, ..., 5 per class: ratio 40), with the source's balanced val / test splits: the imbalance
   benchmark.
+- ``fmnist-pairs`` (multi-label): two Fashion-MNIST items side by side, labelled with both classes (labels.csv).
 - ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, ~180 per class), a very different,
   very small domain; a seeded stratified split into 50% train, 10% validation, 40% test.
 - ``stamps``, ``emoji-objects``, ``glyphs``: real pictures from Debian/PyPI packages (Tux Paint's
@@ -78,6 +79,45 @@ def _write_longtail(out: Path, source: Path, largest: int = 200, smallest: int =
             shutil.copytree(source / split, out / split)
 
 
+PAIRS_SIZES = {"fmnist-pairs": {"train": 1000, "val": 200, "test": 1000}}
+
+
+def _write_pairs(out: Path, sizes: dict[str, int], seed: int = 0) -> None:
+    """Multi-label: two real Fashion-MNIST items side by side (56 x 28 px), labelled with both classes; one image
+    in four shows a single item beside a blank half (one label). Train draws from the official training file,
+    val and test from the test file (disjoint halves). Written as out/images/*.png and out/labels.csv
+    (path,labels,split; labels like Bag;Sneaker). The folder has a test/ marker so build() reuses it."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import csv
+
+    from make_demo_data import CLASS_NAMES as CLASSES
+    from make_demo_data import load_from_idx
+
+    data = load_from_idx(Path("/usr/share/datasets/fashion-mnist"))
+    if data is None:
+        raise SystemExit("fmnist-pairs needs Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)")
+    rng = np.random.default_rng(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    test_pool = rng.permutation(len(data["test"][1]))
+    pools = {"train": rng.permutation(len(data["train"][1])), "val": test_pool[: len(test_pool) // 2],
+             "test": test_pool[len(test_pool) // 2:]}
+    rows = []
+    for split, n in sizes.items():
+        images, labels = data["train" if split == "train" else "test"]
+        pool = pools[split]
+        for i in range(n):
+            a, b = pool[2 * i], pool[2 * i + 1]
+            single = rng.random() < 0.25 or labels[a] == labels[b]
+            right = np.zeros_like(images[b]) if single else images[b]
+            name = f"images/{split}_{i:05d}.png"
+            Image.fromarray(np.hstack([images[a], right])).save(out / name)
+            names = sorted({CLASSES[labels[a]]} | (set() if single else {CLASSES[labels[b]]}))
+            rows.append([name, ";".join(names), split])
+    with (out / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["path", "labels", "split"], *rows])
+    (out / "test").mkdir()
+
+
 def build(root: Path, names: list[str]) -> dict[str, Path]:
     """Write the named sets under ``root`` (reusing complete ones) and return name -> folder."""
     folders = {}
@@ -93,9 +133,11 @@ def build(root: Path, names: list[str]) -> dict[str, Path]:
                 _write_longtail(out, build(root, [source])[source])
             elif name in REAL_SETS:
                 write_real(name, out)
+            elif name in PAIRS_SIZES:
+                _write_pairs(out, PAIRS_SIZES[name])
             else:
                 raise SystemExit(f"unknown benchmark dataset {name!r}: choose from "
-                                 f"{[*FMNIST_SIZES, *LONGTAIL_SOURCES, 'digits', *REAL_SETS]}")
+                                 f"{[*FMNIST_SIZES, *LONGTAIL_SOURCES, 'digits', *REAL_SETS, *PAIRS_SIZES]}")
         folders[name] = out
     return folders
 
