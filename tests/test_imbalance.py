@@ -92,3 +92,67 @@ def test_a_run_from_before_these_keys_resumes_with_todays_defaults(tmp_path, fas
     metrics = train(make_cfg([f"resume={tmp_path / 'old'}", "trainer.max_epochs=2"]))
     assert metrics["epochs"] == 2 and metrics["imbalance"]["sampler"] == "uniform"
     assert metrics["imbalance"]["class_weights"] is not None  # auto, ratio 12 > 10
+
+
+def test_weights_reach_the_cached_feature_head_and_the_mixed_batches(tmp_path, fast_cfg):
+    """The weighted loss also trains the L-BFGS head on cached features (+ its L2), and MixUp's soft targets."""
+    root = _skewed_folders(tmp_path / "data")
+    metrics = train(fast_cfg(root, "policy=linear_probe", run_dir=tmp_path / "probe"))
+    record = json.loads((tmp_path / "probe" / "policy.json").read_text())["feature_cache"]
+    assert record["used"] and record["head_solver"] == "lbfgs" and metrics["imbalance"]["class_weights"]
+
+    from finetune.data.mixing import BatchMixer
+    from finetune.models.checkpoint import load_classifier
+    from finetune.models.module import FeatureHeadClassifier, Recipe
+
+    loaded = load_classifier(metrics["scored_checkpoint"]).module
+    weights = (30 / 72, 30 / 6, 30 / 12)
+    head = FeatureHeadClassifier(loaded.net, loaded.spec, loaded.classes, loaded.preprocessing,
+                                 Recipe(class_weights=weights, head_solver="lbfgs", head_l2=0.01))
+    features, target = torch.randn(6, loaded.net.get_classifier().in_features), torch.tensor([0, 0, 0, 1, 2, 2])
+    with torch.no_grad():
+        logits = head.net.get_classifier()(features)
+        expected = F.cross_entropy(logits, target, weight=torch.tensor(weights)) + \
+            0.01 * head.net.get_classifier().weight.pow(2).sum()
+        assert float(head._cross_entropy(logits, target, "train")) == pytest.approx(float(expected), rel=1e-5)
+
+    # MixUp: the module's training loss is the weighted cross-entropy of the mixed soft targets
+    mixer = BatchMixer(3, mixup_alpha=0.4)
+    loaded.recipe = Recipe(class_weights=weights, batch_mixer=mixer)
+    images = torch.rand(4, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 0])
+    loaded.train()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        loss = loaded._step((images, labels), "train", loaded.train_acc)
+    torch.manual_seed(3)
+    mixed, soft = mixer(images, labels)
+    with torch.no_grad():
+        expected = F.cross_entropy(loaded(mixed), soft, weight=torch.tensor(weights),
+                                   label_smoothing=loaded.label_smoothing)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5) and (soft > 0).sum(1).max() == 2  # mixed
+
+
+def test_balanced_sampler_under_ddp_splits_its_draws_between_ranks():
+    """Lightning wraps a custom sampler per rank (DistributedSamplerWrapper): the ranks share out the balanced
+    draws, so together they still see the classes about equally, each rank half of them."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from finetune.data.imbalance import balanced_sampler
+
+    labels = [0] * 240 + [1] * 20 + [2] * 40  # ratio 12
+    per_rank = [list(DistributedSamplerWrapper(balanced_sampler(labels, seed=0), num_replicas=2, rank=r,
+                                               shuffle=False)) for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 150
+    drawn = collections.Counter(labels[i] for rank in per_rank for i in rank)
+    assert min(drawn.values()) >= 80 and max(drawn.values()) <= 120  # ~100 each of 300 draws; uniform: 240/20/40
+
+
+def test_every_ensemble_member_weights_its_loss(tmp_path, fast_cfg):
+    root = _skewed_folders(tmp_path / "data")
+    metrics = train(fast_cfg(root, "policy=linear_probe", "ensemble.size=2", run_dir=tmp_path / "ens"))
+    members = sorted((tmp_path / "ens" / "members").glob("*/metrics.json"))
+    assert len(members) == 2 and "val/acc" in metrics
+    for member in members:
+        imbalance = json.loads(member.read_text())["imbalance"]
+        assert imbalance["class_weights"] == pytest.approx({"circle": 0.4167, "square": 5.0, "stripes": 2.5}, abs=1e-4)

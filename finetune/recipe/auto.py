@@ -360,7 +360,8 @@ def after_measurement(cfg: DictConfig, decision: RecipeDecision, choice) -> Dict
         choose("optimizer.lr", lr, f"{plan.policy} fine-tunes layers below the head and the domain measures "
                                    f"{'far from' if far else 'near'} the pretraining one (probe gap {gap:.3f} "
                                    f"{'>' if far else '<='} {far_gap:g}): {effect}")
-    if not plan.head_only:
+    multilabel = str(cfg.get("task", "multiclass")) == "multilabel"
+    if not plan.head_only and not multilabel:  # the binary cross-entropy of task=multilabel takes no smoothing
         smoothing = float(rules["label_smoothing"])
         choose("regularization.label_smoothing", smoothing,
                f"{plan.policy} fine-tunes layers below the head: targets of {1 - smoothing:g} instead of 1 keep a "
@@ -369,6 +370,9 @@ def after_measurement(cfg: DictConfig, decision: RecipeDecision, choice) -> Dict
     if plan.head_only:
         choose("augment", "none", f"{plan.policy} trains only the head, on features the frozen network computes once "
                                   f"(cached features): augmented views would need a pass each")
+    elif multilabel:
+        choose("augment", "none", "task=multilabel: no flip probe (it needs one class per image), and a random crop "
+                                  "can cut a labelled object out of the image while its label stays")
     elif m is not None and m.flip_probe_acc is None and int(cfg.trainer.max_epochs) < int(rules["augment_min_epochs"]):
         choose("augment", "none", f"no augmentation: {int(cfg.trainer.max_epochs)} epochs (< "
                                   f"{int(rules['augment_min_epochs'])}) are too few to gain from extra views; short "
