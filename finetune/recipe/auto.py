@@ -360,7 +360,7 @@ def after_measurement(cfg: DictConfig, decision: RecipeDecision, choice) -> Dict
         choose("optimizer.lr", lr, f"{plan.policy} fine-tunes layers below the head and the domain measures "
                                    f"{'far from' if far else 'near'} the pretraining one (probe gap {gap:.3f} "
                                    f"{'>' if far else '<='} {far_gap:g}): {effect}")
-    multilabel = str(cfg.get("task", "multiclass")) == "multilabel"
+    multilabel = str(cfg.task) == "multilabel"
     if not plan.head_only and not multilabel:  # the binary cross-entropy of task=multilabel takes no smoothing
         smoothing = float(rules["label_smoothing"])
         choose("regularization.label_smoothing", smoothing,
