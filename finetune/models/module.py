@@ -185,7 +185,10 @@ class ImageClassifier(L.LightningModule):
             penalty = self.penalty(self.net)
             self.log("train/penalty", penalty, on_step=False, on_epoch=True, batch_size=len(y))
             loss = loss + penalty
-        metric(logits, y)
+        # Multi-label metrics get probabilities: torchmetrics applies a sigmoid only to a batch with a value outside
+        # [0, 1], so a batch of small logits would be read as probabilities
+        scores = logits.detach().sigmoid() if self.multilabel else logits
+        metric(scores, y)
         if stage == "train":
             self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         else:
@@ -193,7 +196,7 @@ class ImageClassifier(L.LightningModule):
             mean.update(loss.detach(), weight=len(y))
             self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True)
             extra = self.test_extra if stage == "test" else self.val_extra
-            extra.update(logits, y)
+            extra.update(scores, y)
             for name, metric_obj in extra.items():
                 self.log(f"{stage}/{name}", metric_obj, on_step=False, on_epoch=True)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)

@@ -259,7 +259,8 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
 
     has_holdout = not has_val and float(cfg.data.val_fraction) > 0
     planned = cfg.scheduler if given("scheduler") else preset("scheduler", str(rules["scheduler"]))
-    if has_holdout and planned["_target_"] in ANNEALING_TARGETS:  # a plateau rule (yours) needs the holdout
+    # a plateau rule (yours) needs the holdout; so do multi-label runs (their per-class thresholds are tuned on it)
+    if has_holdout and planned["_target_"] in ANNEALING_TARGETS and str(cfg.task) != "multilabel":
         fraction, why = holdout_rule(index, rules)
         if fraction is not None:
             choose("data.val_fraction", fraction, why)
