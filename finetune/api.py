@@ -376,9 +376,9 @@ class Model:
     def known_scores(self, images: Any, batch_size: int = 64) -> np.ndarray:
         """The open-set score per image (higher: more like the training classes; finetune/open_set.py), as
         ``predict(unknown=...)`` compares it with the checkpoint's threshold."""
-        from finetune.open_set import checked_record
+        from finetune.open_set import unknown_setup
 
-        checked_record(self._loaded.open_set, self.path, "known_scores()")
+        unknown_setup("auto", [self._loaded], [], "known_scores()")  # multi-label or no threshold: says why
         return self._outputs(images, batch_size, known=True)[2]
 
     def _outputs(self, images: Any, batch_size: int, known: bool) -> tuple[list[str], np.ndarray, Any, list[str]]:
@@ -391,7 +391,10 @@ class Model:
         names, probs, scores, errors = [], [], [], []
         with torch.inference_mode():
             for batch_names, batch, batch_errors in self._batches(images, batch_size):
-                logits, features = logits_and_features(module.net, batch)
+                if known:  # one pass gives the features the score needs and the logits
+                    logits, features = logits_and_features(module.net, batch)
+                else:
+                    logits = module(batch)
                 probs.append(logits.sigmoid().numpy() if module.multilabel else
                              (logits / temperature).softmax(-1).numpy())
                 if known:

@@ -3,11 +3,12 @@ Hugging Face Hub model folder that plain timm loads (``finetune/export_hf.py``).
 
 The exported model includes the preprocessing, so a deployment only feeds pixels: input
 ``[N, 3, H, W]`` RGB at the trained size, ``uint8`` in 0..255 (default) or ``float32`` in 0..1;
-output: class probabilities, and, when the run fitted an open-set threshold, a ``known_score`` per image
-(below the threshold in the metadata's ``finetune.unknown``: "none of these"). The classes and preprocessing
-travel inside the file (ONNX metadata, TorchScript extra files), and the ONNX file is checked against torch
-with onnxruntime on export. The file is serialised in memory and checked there; only a model that passed is
-written (temp file + rename), and never over the checkpoint or an existing file without overwrite=true.
+output: class probabilities, and with ``known_score=true`` (a run that fitted an open-set threshold) a
+``known_score`` per image (below the threshold in the metadata's ``finetune.unknown``: "none of these").
+The classes and preprocessing travel inside the file (ONNX metadata, TorchScript extra files), and the ONNX
+file is checked against torch with onnxruntime on export. The file is serialised in memory and checked there;
+only a model that passed is written (temp file + rename), and never over the checkpoint or an existing file
+without overwrite=true.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class DeployedClassifier(nn.Module):
                 known_scores(self.score, logits, features, self.temperature, self.bank))
 
 
-def metadata(loaded: LoadedCheckpoint, dtype: str) -> dict[str, str]:
+def metadata(loaded: LoadedCheckpoint, dtype: str, known_score: bool = False) -> dict[str, str]:
     pp = loaded.preprocessing
     return {
         "finetune.classes": json.dumps(loaded.classes),
@@ -83,8 +84,10 @@ def metadata(loaded: LoadedCheckpoint, dtype: str) -> dict[str, str]:
           "finetune.thresholds": json.dumps(loaded.thresholds or [0.5] * len(loaded.classes))}
          if loaded.multilabel else {}) | (
          {"finetune.output": "probabilities: softmax probabilities, one per class in finetune.classes order; "
-                             "known_score: the open-set score (finetune.unknown)",
-          "finetune.unknown": json.dumps(unknown_metadata(loaded.open_set))} if loaded.open_set else {})
+                             "known_score: the open-set score (finetune.unknown)"} if known_score else {}) | (
+         {"finetune.unknown": json.dumps(unknown_metadata(loaded.open_set) | (
+             {} if known_score else {"note": "export with known_score=true for the score output"}))}
+         if loaded.open_set else {})
 
 
 def sample_inputs(loaded: LoadedCheckpoint, images: list[Any], dtype: str) -> torch.Tensor:
@@ -125,7 +128,7 @@ def _one_checkpoint(ckpt: Any) -> str:
 
 
 def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_images: list[Any] | None = None,
-           overwrite: bool = False) -> dict[str, Any]:
+           overwrite: bool = False, known_score: bool = False) -> dict[str, Any]:
     fmt, dtype = str(fmt).lower(), str(dtype).lower()
     if fmt not in FORMATS:
         raise FinetuneError(f"format={fmt} is not one of {', '.join(FORMATS)}.{close_matches(str(fmt), FORMATS)}")
@@ -138,9 +141,13 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
         return export_hf(ckpt, output, overwrite)
     output = check_export_output(output, fmt, ckpt, overwrite)
     loaded = load_classifier(ckpt)
+    if known_score and not loaded.open_set:
+        from finetune.open_set import checked_record
+
+        checked_record(None, ckpt, "known_score=true")
     pp = loaded.preprocessing
     model = DeployedClassifier(loaded.module.net.eval(), pp.mean, pp.std, dtype == "uint8", loaded.temperature,
-                               loaded.open_set, loaded.multilabel).eval()
+                               loaded.open_set if known_score else None, loaded.multilabel).eval()
     size = loaded.preprocessing.image_size
     if check_images is None:
         generator = torch.Generator().manual_seed(0)
@@ -148,8 +155,8 @@ def export(ckpt: str, fmt: str, output: str | Path, dtype: str = "uint8", check_
         example = example if dtype == "uint8" else example.float() / 255.0
     else:
         example = sample_inputs(loaded, check_images, dtype)
-    meta = metadata(loaded, dtype)
-    outputs = ["probabilities", "known_score"] if loaded.open_set else ["probabilities"]
+    meta = metadata(loaded, dtype, known_score)
+    outputs = ["probabilities", "known_score"] if known_score else ["probabilities"]
     with torch.no_grad():
         expected = _as_tuple(model(example))
     if fmt == "torchscript":
@@ -233,7 +240,8 @@ def run_export(cfg) -> dict[str, Any]:
             if len(images) == 16:
                 break
         images = images or None
-    result = export(cfg.ckpt, str(cfg.format), cfg.output, str(cfg.input_dtype), images, bool(cfg.overwrite))
+    result = export(cfg.ckpt, str(cfg.format), cfg.output, str(cfg.input_dtype), images, bool(cfg.overwrite),
+                    bool(cfg.known_score))
     if result["format"] == "hf":
         print(f"Exported a Hugging Face model folder -> {result['output']} ({', '.join(result['files'])}; "
               f"{len(result['classes'])} classes); loaded back with timm, max |difference| vs torch: "

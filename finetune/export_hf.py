@@ -104,7 +104,7 @@ def model_card(loaded: LoadedCheckpoint, backbone: str, facts: dict[str, Any]) -
         decision = {"applied": policy.get("policy_applied"), "cell": policy.get("quadrant"),
                     **{f"reason {i + 1}": r for i, r in enumerate(policy.get("reasons") or [])}}
         details["Transfer policy"] = {k: v for k, v in decision.items() if v is not None}
-    kinds = ("acc", "balanced_acc", "macro_f1", "loss")
+    kinds = ("acc", "balanced_acc", "macro_f1", "map", "micro_f1", "loss")
     scores = {k: f"{float(v):.4f}" for k, v in metrics.items()
               if k.split("/")[-1] in kinds and isinstance(v, (int, float))}
     if scores:
@@ -127,12 +127,14 @@ def model_card(loaded: LoadedCheckpoint, backbone: str, facts: dict[str, Any]) -
                    f"`finetune_unknown` in config.json (the score of the pooled features against "
                    f"{OPEN_SET_FILE} for knn): below its threshold, {100 * loaded.open_set['reject']:g}% of the "
                    f"known validation images fell; finetune-predict unknown=auto applies it.")
+    assigns = ("gives each of them a probability of its own (several labels per image)" if loaded.multilabel else
+               "assigns every image to one of them (an image of something else still gets one of these labels)")
     card = {
         "description": (
-            "Fine-tuned from a pretrained timm backbone with finetune. **Intended use and limits:** it knows only "
-            "the classes listed below, and assigns every image to one of them (an image of something else still "
-            "gets one of these labels); the metrics below are on held-out images of the data set it was trained "
-            "on, which may not represent yours: check it on your own images before relying on it." + unknown),
+            f"Fine-tuned from a pretrained timm backbone with finetune. **Intended use and limits:** it knows only "
+            f"the classes listed below, and {assigns}; the metrics below are on held-out images of the data set it "
+            f"was trained on, which may not represent yours: check it on your own images before relying on it."
+            + unknown),
         "details": details,
         "usage": usage,
         "tags": ["image-classification", "timm", "finetune"],

@@ -148,7 +148,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     write_output(output, json.dumps(metrics, indent=2) + "\n", key="run_dir", overwrite=bool(cfg.overwrite))
     what = f"ensemble of {len(members)}" if len(members) > 1 else "checkpoint"
-    extra = f" (members {', '.join(f'{a:.4f}' for a in scores['member_acc'])})" if len(members) > 1 else ""
+    member_scores = scores.get("member_acc") or scores.get("member_map")
+    extra = f" (members {', '.join(f'{a:.4f}' for a in member_scores)})" if member_scores else ""
     headline = (f"mAP {metrics['map']:.4f}, micro F1 {metrics['micro_f1']:.4f} at the per-class thresholds, "
                 f"every label right {metrics['acc']:.4f}" if "map" in metrics else f"Accuracy {metrics['acc']:.4f}")
     print(f"{headline}, loss {metrics['loss']:.4f} on {len(samples)} images "

@@ -72,6 +72,9 @@ def load_members(ckpt: Any, key: str = "ckpt") -> list[LoadedCheckpoint]:
     members = [load_classifier(p, key) for p in resolve_members(ckpt, key)]
     first = members[0]
     for other in members[1:]:
+        if other.multilabel != first.multilabel:
+            raise FinetuneError(f"{key}: {other.path} and {first.path} cannot be averaged: one has a sigmoid per class "
+                                f"(task=multilabel), the other a softmax.")
         if other.classes != first.classes or other.preprocessing != first.preprocessing:
             raise FinetuneError(
                 f"{key}: {other.path} and {first.path} cannot be averaged: their classes or preprocessing differ."
@@ -180,7 +183,11 @@ def score_probabilities(probs: torch.Tensor, labels: Sequence[int], thresholds: 
     if labels and isinstance(labels[0], tuple):
         from finetune.multilabel import multi_hot_rows, multilabel_scores
 
-        return multilabel_scores(probs.mean(0), multi_hot_rows(labels, probs.shape[-1]), thresholds, classes)
+        targets = multi_hot_rows(labels, probs.shape[-1])
+        scores = multilabel_scores(probs.mean(0), targets, thresholds, classes)
+        if len(probs) > 1:  # each member's threshold-free mAP
+            scores["member_map"] = [multilabel_scores(p, targets)["map"] for p in probs]
+        return scores
     y = torch.as_tensor(list(labels))
     mean = probs.mean(0)
     pred = mean.argmax(-1)

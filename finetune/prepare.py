@@ -289,7 +289,7 @@ def without_validation(index, cfg: DictConfig, trainer: L.Trainer):
     elif fraction <= 0:
         cause = f"data.val_fraction={cfg.data.val_fraction}, and data.root has no val folder or CSV rows with split=val"
     else:
-        largest = max(Counter(y for _, y in index.splits["train"]).values())
+        largest = max(Counter(c for _, y in index.splits["train"] for c in label_list(y)).values())
         cause = (f"data.val_fraction={cfg.data.val_fraction} gives no class a validation image (a class needs 3 or "
                  f"more images; the largest has {largest})")
     watching = [c for c in trainer.callbacks if str(getattr(c, "monitor", None) or "").startswith("val/")]

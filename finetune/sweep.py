@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.run_files import write_text
 
-SCORES = ("val/acc", "val/balanced_acc", "val/macro_f1", "val/loss", "test/acc", "test/balanced_acc", "test/macro_f1",
-          "test/loss", "epochs", "fit_seconds")
+SCORES = ("val/acc", "val/balanced_acc", "val/macro_f1", "val/map", "val/micro_f1", "val/loss", "test/acc",
+          "test/balanced_acc", "test/macro_f1", "test/map", "test/micro_f1", "test/loss", "epochs", "fit_seconds")
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -97,7 +97,9 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        _, table = write_summary(sweep_dir, str(config.monitor), str(config.monitor_mode))
+        from finetune.task import task_monitor
+
+        _, table = write_summary(sweep_dir, task_monitor(config), str(config.monitor_mode))
         print("\n" + table)
         if " jobs failed (job " in table:
             sys.exit(2)  # the sweep went on past its failed jobs; the exit status still says some failed

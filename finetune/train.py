@@ -292,14 +292,14 @@ def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, An
                  c["temperature"], c["fitted_on"], c["val"]["ece_before"], c["val"]["ece_after"],
                  f", on test {c['test']['ece_before']:.4f} -> {c['test']['ece_after']:.4f}" if "test" in c else "")
     if index.multilabel:
-        metrics["multilabel"] = fit_thresholds(scored, index, cfg, no_validation)
-        m = metrics["multilabel"]
+        metrics["multilabel"] = m = _guarded("multi-label thresholds", fit_thresholds, scored, index, cfg,
+                                             no_validation)
         for split in ("val", "test"):
             if split in m:
                 log.info("Multi-label %s: mAP %.4f, micro F1 %.4f at the tuned thresholds (%.4f at 0.5), macro F1 %.4f",
                          split, m[split]["tuned"]["map"], m[split]["tuned"]["micro_f1"], m[split]["at_0.5"]["micro_f1"],
                          m[split]["tuned"]["macro_f1"])
-    metrics["open_set"] = fit_open_set(cfg.open_set, scored, index, cfg, no_validation)
+    metrics["open_set"] = _guarded("open-set threshold", fit_open_set, cfg.open_set, scored, index, cfg, no_validation)
     if str(cfg.open_set.fit).lower() == "true" and "skipped" in metrics["open_set"]:
         log.warning("open_set.fit=true, but no unknown-image threshold was fitted: %s.", metrics["open_set"]["skipped"])
     if "threshold" in metrics["open_set"]:
@@ -330,6 +330,17 @@ def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, An
         log.info("Snapshot ensemble of %d: %s", len(snapshot_paths), summary(metrics["snapshot_ensemble"]))
     if "tta" in metrics:
         log.info("With TTA (%s): %s", "+".join(cfg.tta), summary(metrics["tta"]))
+
+
+def _guarded(what: str, fit, *args) -> dict[str, Any]:
+    """A fit after training (thresholds, open set) whose failure leaves the finished run's metrics, checkpoints and
+    report in place: logged, and recorded as {"error": ...} in metrics.json."""
+    try:
+        return fit(*args)
+    except Exception as e:  # the run is trained; this step only adds to it
+        log.warning("The %s could not be fitted (%s: %s); the run's metrics and checkpoints are complete without it.",
+                    what, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 class InterruptSeen(L.Callback):

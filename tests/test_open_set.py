@@ -106,12 +106,16 @@ def test_exports_output_the_score_and_carry_the_threshold(tmp_path: Path, digits
     paths = sorted(unknown.rglob("*.png"))[:6]
     images = sample_inputs(loaded, [load_image(str(p)) for p in paths], "uint8")
     out = tmp_path / "model.onnx"
-    export(scored, "onnx", out)
+    export(scored, "onnx", out, known_score=True)
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     rule = json.loads(meta["finetune.unknown"])
     assert rule["score"] == "knn" and rule["threshold"] == loaded.open_set["threshold"]
     assert rule["thresholds"]["0.05"] == pytest.approx(rule["threshold"], abs=1e-6)
     probs, score = onnx_outputs(out, images.numpy())
+    plain = tmp_path / "plain.onnx"  # by default one output, the threshold still in the metadata
+    export(scored, "onnx", plain)
+    assert len(onnx_outputs(plain, images.numpy())) == 1
+    assert "finetune.unknown" in {p.key for p in onnx.load(str(plain)).metadata_props}
     import finetune
 
     expected = finetune.load(scored).known_scores([str(p) for p in paths])

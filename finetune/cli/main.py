@@ -21,6 +21,7 @@ from finetune.cli.streams import exit_with, interrupted, log_to_closed_pipe, los
 from finetune.config_checks import check_data_root, check_train_config
 from finetune.config_keys import check_known_keys
 from finetune.errors import FinetuneError, close_matches
+from finetune.task import task_monitor
 
 CONFIG_PATH = "../conf"
 
@@ -211,7 +212,7 @@ def train_main(cfg: DictConfig) -> float | None:
 
     if rank_zero_only.rank == 0:  # under DDP every rank runs this; the run folder is one
         print(f"Run folder: {metrics['run_dir']}")
-    value = metrics.get(cfg.monitor)
+    value = metrics.get(task_monitor(cfg))  # val/map for task=multilabel's default
     return float(value) if value is not None else None  # what Hydra sweepers optimise
 
 

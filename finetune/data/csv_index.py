@@ -63,6 +63,11 @@ def _multilabel_layout(header: list[str], csv_path: Path, key: str, task: str) -
             f"'path' and 'labels' (e.g. cat;dog), or 'path' and one 0/1 column per class; found columns: "
             f"{sorted(header) or 'none (empty file)'}.")
     others = [h for h in header if h not in ("path", "split")]
+    if task != "multilabel" and "label" not in header and "labels" not in header:
+        raise FinetuneError(
+            f"{key}={csv_path} needs a header row with columns 'path' and 'label' (and optionally 'split' = "
+            f"train|val|test), separated by commas; found columns: {sorted(header)}. (Several labels per image, "
+            f"as a labels column or one 0/1 column per class: pass task=multilabel.)")
     layout = "single" if "label" in header else "labels" if "labels" in header else "one_hot" if others else ""
     if not layout or (layout == "single" and "labels" in header):
         raise FinetuneError(
@@ -96,10 +101,11 @@ def _row_labels(layout: str, row: dict[str, str], columns: list[str], where: str
     return LABEL_JOIN.join(sorted(set(names)))
 
 
-def scan_csv(csv_path: Path, key: str,
-             task: str = "multiclass") -> tuple[dict[str, list[tuple[str, str]]], dict[str, list[str]]]:
+def scan_csv(csv_path: Path, key: str, task: str = "multiclass",
+             training: bool = True) -> tuple[dict[str, list[tuple[str, str]]], dict[str, list[str]]]:
     """(path, label) per split, as listed (repeats included), and where each path is listed ("line 7 (val)").
-    With task=multilabel the label is the row's class names joined (``split_labels`` reads them back)."""
+    With task=multilabel the label is the row's class names joined (``split_labels`` reads them back).
+    ``training``: a scan to train on (every one-hot class column needs a positive training row)."""
     header, rows = _read_csv(csv_path, key)
     layout = _multilabel_layout(header, csv_path, key, task)
     columns = [h for h in header if h not in ("path", "split")]
@@ -136,7 +142,7 @@ def scan_csv(csv_path: Path, key: str,
         resolved = str(path.resolve())
         pairs.setdefault(canonical, []).append((resolved, label))
         origins.setdefault(resolved, []).append(f"line {line_no} ({canonical})")
-    if layout == "one_hot":  # a class column without one training image marked 1 would be dropped unseen
+    if layout == "one_hot" and training:  # a class column without one training image marked 1 would be dropped
         positive = {n for _, label in pairs.get("train", []) for n in split_labels(label)}
         empty = [c for c in columns if c not in positive]
         if empty and pairs.get("train"):

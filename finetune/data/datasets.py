@@ -99,7 +99,21 @@ def stratified_split(
             out[split].extend(items[start : start + max(n, 0)])
             start += max(n, 0)
         out["train"].extend(items[start:])
+    _keep_every_class_in_train(out)
     return {k: v for k, v in out.items() if v or k == "train"}
+
+
+def _keep_every_class_in_train(splits: dict[str, list[Sample]]) -> None:
+    """Several labels per image: stratifying by the rarest class can carve every image of a class that always
+    appears beside a rarer one out of train; one such image goes back to train per class."""
+    in_train = {c for _, label in splits["train"] for c in label_list(label)}
+    for split in [s for s in splits if s != "train"]:
+        for sample in list(splits[split]):
+            missing = set(label_list(sample[1])) - in_train
+            if missing and isinstance(sample[1], tuple):
+                splits[split].remove(sample)
+                splits["train"].append(sample)
+                in_train |= set(sample[1])
 
 
 def _index_from_pairs(pairs_by_split: dict[str, list[tuple[str, str]]], classes: list[str],
@@ -111,8 +125,11 @@ def _index_from_pairs(pairs_by_split: dict[str, list[tuple[str, str]]], classes:
     return {split: [(p, lookup[c]) for p, c in pairs] for split, pairs in pairs_by_split.items()}
 
 
-def _scan_layout(root: Path, key: str, task: str = "multiclass") -> tuple[str, dict[str, list[tuple[str, str]]],
-                                                                          list[str], list[dict], list[str]]:
+Pairs = dict[str, list[tuple[str, str]]]  # (path, class name or joined names) per split
+
+
+def _scan_layout(root: Path, key: str, task: str = "multiclass",
+                 training: bool = True) -> tuple[str, Pairs, list[str], list[dict], list[str]]:
     """The layout, (path, class name) per split, the classes, the listing's problems and the non-image files."""
     ignored: list[str] = []
     if task == "multilabel" and not root.is_file():
@@ -122,7 +139,7 @@ def _scan_layout(root: Path, key: str, task: str = "multiclass") -> tuple[str, d
             f"photos/1.jpg,cat;dog) or path and one 0/1 column per class, optional split; then {key}=FILE.csv.")
     if root.is_file():  # a .csv: scan_dataset's check_data_root refused any other file
         layout = "csv"
-        pairs, origins = scan_csv(root, key, task)
+        pairs, origins = scan_csv(root, key, task, training)
         pairs, problems = check_listing(pairs, origins)
         classes = csv_classes(root, key, pairs, task)
     elif (train_dir := find_split_dir(root, "train")) is not None and any(p.is_dir() for p in entries(train_dir)):
@@ -166,7 +183,7 @@ def scan_dataset(
     from finetune.config_checks import check_data_root  # set, exists, a folder or a .csv: the same messages
 
     root = check_data_root(root, key)
-    layout, pairs, classes, problems, ignored = _scan_layout(root, key, task)
+    layout, pairs, classes, problems, ignored = _scan_layout(root, key, task, training=min_classes > 1)
     if len(classes) < min_classes:
         raise FinetuneError(
             f"{key}={root} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least 2. "
