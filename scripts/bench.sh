@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every benchmark and rewrite the generated part of BENCHMARKS.md (machine, versions, date, numbers).
 #   scripts/bench.sh                  full run: 3 seeds x 7 datasets x 8 columns (zero-config, auto, six
-#                                     fixed policies) + speed ratios
+#                                     fixed policies) + speed ratios, then the real-folder tables (#15:
+#                                     calibration, open set, multi-label)
 #   scripts/bench.sh --accuracy-only  the accuracy part alone (BENCHMARKS.md keeps the other sections)
 #   scripts/bench.sh --quick          the same code on one seed, two datasets, three columns (~5 min)
 # Any other suite.py option passes through (--seeds, --budget, --workers, --threads, --no-write).
@@ -53,4 +54,13 @@ install_real_set_packages() {
 }
 
 install_real_set_packages
-exec .venv/bin/python scripts/bench/suite.py "$@"
+.venv/bin/python scripts/bench/suite.py "$@"
+
+# Real folders (#15): calibration, open set and multi-label rewrite their own tables in BENCHMARKS.md (between
+# <!-- bench: NAME --> markers); a full run only (about 35 min on 2 cores), not --quick or --accuracy-only.
+for arg in "$@"; do
+  case "$arg" in --quick|--accuracy-only|--no-write) exit 0 ;; esac
+done
+.venv/bin/python scripts/bench/calibration.py --write
+.venv/bin/python scripts/bench/open_set.py --seeds 0 1 --write
+.venv/bin/python scripts/bench/multilabel.py --write

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy
 import datasets
+import sections
 
 
 def main() -> None:
@@ -25,9 +26,12 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["fmnist-50", "fmnist-longtail", "digits"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="rewrite the calibration table in BENCHMARKS.md")
     args = parser.parse_args()
     accuracy._init_worker(args.threads)
     folders = datasets.build(datasets.REPO / "data" / "bench", args.sets)
+    lines = ["| set | test acc | T (per seed) | test ECE before | test ECE after | test NLL before | test NLL after |",
+             "|---|---|---|---|---|---|---|"]
     for name in args.sets:
         rows = []
         for seed in args.seeds:
@@ -44,6 +48,15 @@ def main() -> None:
                     for split in ("val", "test") if split in done[0] for k in ("ece_before", "ece_after",
                                                                                 "nll_before", "nll_after")}
             print("MEAN", name, json.dumps({"temperature": [r["temperature"] for r in done], **mean}), flush=True)
+            if "test_ece_before" in mean:
+                acc = statistics.mean(r["test_acc"] for r in done)
+                temperatures = " / ".join(f"{r['temperature']:.2f}" for r in done)
+                lines.append(f"| {name} | {acc:.3f} | {temperatures} | {mean['test_ece_before']:.4f} | "
+                             f"**{mean['test_ece_after']:.4f}** | {mean['test_nll_before']:.3f} | "
+                             f"**{mean['test_nll_after']:.3f}** |")
+    print("\n".join(lines))
+    if args.write:
+        sections.replace_between("calibration", lines)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy
 import datasets
+import sections
 
 DEFAULT_SETS = ["fmnist-200:0,1", "fmnist-200:8,9", "digits:0,1", "digits:8,9", "emoji-objects:0,1",
                 "emoji-objects:10,11", "stamps:0,1", "stamps:8,9", "glyphs:0,1", "glyphs:8,9"]
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=DEFAULT_SETS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="rewrite the open-set table in BENCHMARKS.md")
     args = parser.parse_args()
     accuracy._init_worker(args.threads)
     data_root = datasets.REPO / "data" / "bench"
@@ -153,11 +155,40 @@ def main() -> None:
             row = {"set": spec, "seed": seed, "wall_s": wall and round(wall, 1), **measure(known, unknown, run)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("MEAN AUROC", json.dumps({k: round(statistics.mean(r[k]["auroc"] for r in rows), 4) for k in KINDS}))
-    print("MEAN unknown rejected at the val-fitted 5%", json.dumps(
-        {k: round(statistics.mean(r[k]["unknown_rejected"] for r in rows), 4) for k in KINDS}))
-    print("MEAN known test rejected", json.dumps(
-        {k: round(statistics.mean(r[k]["known_rejected"] for r in rows), 4) for k in KINDS}))
+    lines = table(rows)
+    print("\n".join(lines))
+    if args.write:
+        sections.replace_between("open-set", lines)
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The BENCHMARKS.md table: mean AUROC per set and kind, rejection rates of knn and msp, and the paired
+    differences behind the default."""
+    mean = statistics.mean
+    by_set: dict[str, list[dict]] = {}
+    for r in rows:
+        by_set.setdefault(r["set"].split(":")[0], []).append(r)
+
+    def cells(group: list[dict], bold: bool) -> str:
+        aurocs = {k: mean(r[k]["auroc"] for r in group) for k in KINDS}
+        top = max(aurocs.values())
+        shown = [f"**{v:.3f}**" if bold and v == top else f"{v:.3f}" for v in aurocs.values()]
+        rejected = " | ".join(f"{mean(r['knn'][key] for r in group):.2f} / {mean(r['msp'][key] for r in group):.2f}"
+                              for key in ("unknown_rejected", "known_rejected"))
+        return " | ".join(shown) + " | " + rejected
+
+    header = (f"| set (runs) | test acc (known classes) | {' | '.join(KINDS)} | unknown rejected: knn / msp | "
+              f"known test rejected: knn / msp |")
+    lines = [header, "|---" * (len(KINDS) + 4) + "|"]
+    for name, group in by_set.items():
+        lines.append(f"| {name} ({len(group)}) | {mean(r['test_acc'] for r in group):.3f} | {cells(group, True)} |")
+    lines.append(f"| **mean of {len(rows)}** | | {cells(rows, False)} |")
+    for other in ("msp", "energy"):
+        diffs = [r["knn"]["auroc"] - r[other]["auroc"] for r in rows]
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+        lines.append(f"\nknn - {other}: {mean(diffs):+.3f} AUROC (paired by run, standard error {se:.3f}; knn higher "
+                     f"in {sum(d > 0 for d in diffs)} of {len(diffs)} runs).")
+    return lines
 
 
 if __name__ == "__main__":
