@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.config_checks import LOGGED_METRICS, _number, _whole, check_train_config
 from finetune.config_keys import check_known_keys, known_keys
 from finetune.errors import FinetuneError, close_matches
-from finetune.task import check_task
 
 __all__ = ["LOGGED_METRICS", "build_optimizer_and_scheduler", "check_known_keys", "instantiate_named", "known_keys",
            "validate_train_config"]
@@ -38,8 +37,7 @@ PLATEAU_KEYS = ("checks_per_epoch", "final_anneal")
 def validate_train_config(cfg: DictConfig) -> None:
     """Fail fast on values Hydra cannot check: first what the config alone tells (no heavy import), then
     Trainer arguments, precision, accelerator, weights and the recipe's targets."""
-    check_train_config(cfg)
-    check_task(cfg)
+    check_train_config(cfg)  # with check_task: what task=multilabel refuses
     _check_trainer_arguments(cfg.trainer)
     _check_precision(cfg.trainer.get("precision"))
     _check_accelerator(cfg.trainer.get("accelerator"))

@@ -172,9 +172,12 @@ def check_values(cfg: DictConfig) -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """What ``finetune`` (and ``finetune-advise``) can check from the config alone, without torch or Lightning:
     unknown keys, value types and ranges, metric names, and the combinations that are refused."""
+    from finetune.task import check_task
+
     check_known_keys(cfg)
     check_values(cfg)
     _check_monitor("monitor", cfg.monitor)
+    check_task(cfg)
     if cfg.monitor_mode not in ("min", "max"):
         raise FinetuneError(f"monitor_mode={cfg.monitor_mode} must be min or max.")
     if cfg.score_checkpoint not in ("auto", "best", "last"):
