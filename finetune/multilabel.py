@@ -4,8 +4,8 @@ multi-label model (mean average precision, micro / macro F1, per-class AP), and 
 A sigmoid per class gives each class its own probability; 0.5 is a poor cut for rare classes (their
 probabilities stay low), so each class's threshold is the one that maximises its F1 on the validation images
 (the usual practice, e.g. in the ASL and ML-Decoder papers), kept between 0.05 and 0.95 so that one odd
-validation split cannot make a class always or never predicted. Stored in the scored checkpoint
-(``finetune.thresholds``); predict, load() and the exports use them.
+validation split cannot make a class always or never predicted. Fitted and stored in the scored checkpoint
+(``finetune.thresholds``) by ``scoring.fit_thresholds``; predict, load() and the exports use them.
 """
 
 from __future__ import annotations
@@ -70,32 +70,6 @@ def multilabel_scores(probs: torch.Tensor, targets: torch.Tensor, thresholds: Se
         scores["per_class_ap"] = {c: (round(float(ap), 4) if present[i] else None)
                                   for i, (c, ap) in enumerate(zip(classes, per_class_ap))}
     return scores
-
-
-def fit_thresholds(scored: str | None, index, cfg, no_validation: str | None) -> dict[str, Any]:
-    """After a multi-label fit: thresholds tuned on the scored checkpoint's validation probabilities, stored in it,
-    and the val/test scores at 0.5 and at the tuned thresholds (metrics.json "multilabel")."""
-    from finetune.models.checkpoint import update_checkpoint
-    from finetune.scoring import split_probabilities
-
-    if scored is None:
-        return {"skipped": "no checkpoint was kept"}
-    probs = {split: p.mean(0) for split, p in split_probabilities([scored], index, [], cfg).items()}
-    targets = {split: multi_hot_rows([y for _, y in index.splits[split]], len(index.classes)) for split in probs}
-    result: dict[str, Any] = {}
-    if no_validation or "val" not in probs:
-        thresholds = [0.5] * len(index.classes)
-        result["thresholds_from"] = f"0.5 for every class: no validation split to tune on ({no_validation or 'empty'})"
-    else:
-        thresholds = tune_thresholds(probs["val"], targets["val"])
-        result["thresholds_from"] = f"the best F1 per class on val ({len(targets['val'])} images)"
-    update_checkpoint(scored, thresholds=thresholds)
-    result["thresholds"] = dict(zip(index.classes, thresholds))
-    result["checkpoint"] = scored
-    for split, p in probs.items():
-        result[split] = {"at_0.5": multilabel_scores(p, targets[split]),
-                         "tuned": multilabel_scores(p, targets[split], thresholds, index.classes)}
-    return result
 
 
 def labels_above(probs: Sequence[float], classes: Sequence[str],

@@ -13,14 +13,13 @@ the softmax scores were better on the letters (glyphs) only.
 
 The record stored in the scored checkpoint (``finetune.open_set``) holds the kind, the sorted validation scores
 (so finetune-predict ``unknown=P`` can reject any other share without data), the fitted threshold and, for
-``knn``, the bank. Fitting it after training: ``fit_open_set``; scoring: ``known_scores``.
+``knn``, the bank. Fitting it after training: ``scoring.fit_open_set``; scoring: ``known_scores``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 from typing import Any
 
 import numpy as np
@@ -135,75 +134,3 @@ def unknown_setup(value: Any, members: list, tta: list[str], key: str = "unknown
         raise FinetuneError(f"{key}={value} cannot be combined with tta={list(tta)}: the threshold was fitted on the "
                             f"plain view of each validation image. Drop tta= (or {key}=).")
     return rejection(checked_record(members[0].open_set, members[0].path, key), share)
-
-
-def _sample(samples: list[tuple[str, int]], limit: int, seed: int) -> list[tuple[str, int]]:
-    if len(samples) <= limit:
-        return list(samples)
-    return sorted(random.Random(seed).sample(list(samples), limit))
-
-
-def split_outputs(module: nn.Module, samples: list[tuple[str, int]], preprocessing, batch_size: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, features) of ``samples`` seen the evaluation way, on ``device``; returned on the CPU."""
-    from torch.utils.data import DataLoader
-
-    from finetune.data.datamodule import ImageListDataset, decode_side
-    from finetune.data.transforms import eval_transform
-
-    dataset = ImageListDataset([(p, -1) for p, _ in samples], eval_transform(preprocessing),
-                               max_side=decode_side(preprocessing))
-    net = module.to(device).eval().net
-    logits, features = [], []
-    with torch.inference_mode():
-        for images, _ in DataLoader(dataset, batch_size=batch_size):
-            z, f = logits_and_features(net, images.to(device))
-            logits.append(z.float().cpu()), features.append(f.float().cpu())
-    return torch.cat(logits), torch.cat(features)
-
-
-def fit_open_set(options, scored: str | None, index, cfg, no_validation: str | None) -> dict[str, Any]:
-    """``open_set`` after training (and after calibration): the score of the scored checkpoint's validation
-    images, the threshold that rejects ``options.reject`` of them, and (knn) the bank of training features,
-    stored in the checkpoint. Returns the record for metrics.json (without the bank and the scores)."""
-    mode, kind, reject = str(options.fit).lower(), str(options.score).lower(), float(options.reject)
-    if mode == "false":
-        return {"skipped": "open_set.fit=false"}
-    if index.multilabel:
-        return {"skipped": "task=multilabel: an image may show none of the classes already (every probability "
-                           "below its threshold)"}
-    if no_validation or not index.splits.get("val"):
-        return {"skipped": f"no validation split to fit the threshold on ({no_validation or 'empty'})"}
-    if scored is None:
-        return {"skipped": "no checkpoint was kept"}
-    from finetune.members import device_for
-    from finetune.models.checkpoint import load_classifier, update_checkpoint
-
-    loaded = load_classifier(scored)
-    device = device_for(str(cfg.trainer.accelerator))
-    batch = int(cfg.data.eval_batch_size or cfg.data.batch_size)
-    bank = None
-    if kind == "knn":
-        train = _sample(index.splits["train"], BANK_MAX, int(cfg.seed))
-        _, features = split_outputs(loaded.module, train, loaded.preprocessing, batch, device)
-        bank = nn.functional.normalize(features, dim=-1).half()
-    scores = {}
-    for split in ("val", "test"):
-        if index.splits.get(split):
-            logits, features = split_outputs(loaded.module, index.splits[split], loaded.preprocessing, batch, device)
-            scores[split] = known_scores(kind, logits, features, loaded.temperature, bank)
-    val_scores = sorted(round(float(s), 6) for s in scores["val"])
-    stored: dict[str, Any] = {"score": kind, "reject": reject, "val_scores": val_scores,
-                              "fitted_on": f"val ({len(val_scores)} images)"}
-    stored["threshold"] = threshold_for(stored, reject)
-    if bank is not None:
-        stored["bank"] = bank
-    update_checkpoint(scored, **{RECORD_KEY: stored})
-    result = {k: v for k, v in stored.items() if k not in ("val_scores", "bank")}
-    result["checkpoint"] = scored
-    if bank is not None:
-        result["bank_images"] = len(bank)
-    # The share of known images rejected, as a check of the threshold on images it was not fitted on
-    for split, values in scores.items():
-        result[f"{split}_rejected"] = round(float((values < stored["threshold"]).float().mean()), 4)
-    return result

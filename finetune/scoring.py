@@ -1,11 +1,13 @@
 """Scoring a finished fit: which checkpoint scores val/test (best or last, and why), its calibration
-(temperature scaling, finetune/calibration.py), the scores of checkpoints averaged as an ensemble, and the
-report on them. Separate from train.py so that the
-choice of what is scored can be read and tested without the training around it."""
+(temperature scaling, finetune/calibration.py), its open-set threshold (finetune/open_set.py) or, multi-label,
+its per-class thresholds (finetune/multilabel.py), the scores of checkpoints averaged as an ensemble, and the
+report on them. Separate from train.py so that the choice of what is scored can be read and tested without the
+training around it."""
 
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,14 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from finetune.calibration import calibrated, fit_temperature, nll, reliability
 from finetune.members import device_for, load_members, member_probabilities, score_probabilities
 from finetune.models.checkpoint import LoadedCheckpoint, update_checkpoint
+from finetune.multilabel import multi_hot_rows, multilabel_scores, tune_thresholds
+from finetune.open_set import BANK_MAX, known_scores, logits_and_features, threshold_for
+from finetune.open_set import RECORD_KEY as OPEN_SET_KEY
 from finetune.policy.choose import format_policy_block
 from finetune.recipe.callbacks import LRTrace, plateau_scheduler
 from finetune.recipe.schedulers import anneal_start_step
@@ -167,3 +173,97 @@ def calibrate_checkpoint(mode: str, scored: str | None, index, cfg,
         result.setdefault("reliability", {})[split] = {"before": bins_before, "after": bins_after}
     update_checkpoint(scored, temperature=float(temperature))
     return result, {split: p[None] for split, p in after.items()}
+
+
+def fit_thresholds(scored: str | None, index, cfg, no_validation: str | None) -> dict[str, Any]:
+    """After a multi-label fit: thresholds tuned on the scored checkpoint's validation probabilities, stored in it,
+    and the val/test scores at 0.5 and at the tuned thresholds (metrics.json "multilabel")."""
+    if scored is None:
+        return {"skipped": "no checkpoint was kept"}
+    probs = {split: p.mean(0) for split, p in split_probabilities([scored], index, [], cfg).items()}
+    targets = {split: multi_hot_rows([y for _, y in index.splits[split]], len(index.classes)) for split in probs}
+    result: dict[str, Any] = {}
+    if no_validation or "val" not in probs:
+        thresholds = [0.5] * len(index.classes)
+        result["thresholds_from"] = f"0.5 for every class: no validation split to tune on ({no_validation or 'empty'})"
+    else:
+        thresholds = tune_thresholds(probs["val"], targets["val"])
+        result["thresholds_from"] = f"the best F1 per class on val ({len(targets['val'])} images)"
+    update_checkpoint(scored, thresholds=thresholds)
+    result["thresholds"] = dict(zip(index.classes, thresholds))
+    result["checkpoint"] = scored
+    for split, p in probs.items():
+        result[split] = {"at_0.5": multilabel_scores(p, targets[split]),
+                         "tuned": multilabel_scores(p, targets[split], thresholds, index.classes)}
+    return result
+
+
+def _sample(samples: list[tuple[str, int]], limit: int, seed: int) -> list[tuple[str, int]]:
+    if len(samples) <= limit:
+        return list(samples)
+    return sorted(random.Random(seed).sample(list(samples), limit))
+
+
+def split_outputs(module: nn.Module, samples: list[tuple[str, int]], preprocessing, batch_size: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, features) of ``samples`` seen the evaluation way, on ``device``; returned on the CPU."""
+    from torch.utils.data import DataLoader
+
+    from finetune.data.datamodule import ImageListDataset, decode_side
+    from finetune.data.transforms import eval_transform
+
+    dataset = ImageListDataset([(p, -1) for p, _ in samples], eval_transform(preprocessing),
+                               max_side=decode_side(preprocessing))
+    net = module.to(device).eval().net
+    logits, features = [], []
+    with torch.inference_mode():
+        for images, _ in DataLoader(dataset, batch_size=batch_size):
+            z, f = logits_and_features(net, images.to(device))
+            logits.append(z.float().cpu()), features.append(f.float().cpu())
+    return torch.cat(logits), torch.cat(features)
+
+
+def fit_open_set(options, scored: str | None, index, cfg, no_validation: str | None) -> dict[str, Any]:
+    """``open_set`` after training (and after calibration): the score of the scored checkpoint's validation
+    images, the threshold that rejects ``options.reject`` of them, and (knn) the bank of training features,
+    stored in the checkpoint. Returns the record for metrics.json (without the bank and the scores)."""
+    mode, kind, reject = str(options.fit).lower(), str(options.score).lower(), float(options.reject)
+    if mode == "false":
+        return {"skipped": "open_set.fit=false"}
+    if index.multilabel:
+        return {"skipped": "task=multilabel: an image may show none of the classes already (every probability "
+                           "below its threshold)"}
+    if no_validation or not index.splits.get("val"):
+        return {"skipped": f"no validation split to fit the threshold on ({no_validation or 'empty'})"}
+    if scored is None:
+        return {"skipped": "no checkpoint was kept"}
+    from finetune.models.checkpoint import load_classifier
+
+    loaded = load_classifier(scored)
+    device = device_for(str(cfg.trainer.accelerator))
+    batch = int(cfg.data.eval_batch_size or cfg.data.batch_size)
+    bank = None
+    if kind == "knn":
+        train = _sample(index.splits["train"], BANK_MAX, int(cfg.seed))
+        _, features = split_outputs(loaded.module, train, loaded.preprocessing, batch, device)
+        bank = nn.functional.normalize(features, dim=-1).half()
+    scores = {}
+    for split in ("val", "test"):
+        if index.splits.get(split):
+            logits, features = split_outputs(loaded.module, index.splits[split], loaded.preprocessing, batch, device)
+            scores[split] = known_scores(kind, logits, features, loaded.temperature, bank)
+    val_scores = sorted(round(float(s), 6) for s in scores["val"])
+    stored: dict[str, Any] = {"score": kind, "reject": reject, "val_scores": val_scores,
+                              "fitted_on": f"val ({len(val_scores)} images)"}
+    stored["threshold"] = threshold_for(stored, reject)
+    if bank is not None:
+        stored["bank"] = bank
+    update_checkpoint(scored, **{OPEN_SET_KEY: stored})
+    result = {k: v for k, v in stored.items() if k not in ("val_scores", "bank")}
+    result["checkpoint"] = scored
+    if bank is not None:
+        result["bank_images"] = len(bank)
+    # The share of known images rejected, as a check of the threshold on images it was not fitted on
+    for split, values in scores.items():
+        result[f"{split}_rejected"] = round(float((values < stored["threshold"]).float().mean()), 4)
+    return result

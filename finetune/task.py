@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.errors import FinetuneError
 
@@ -59,12 +59,13 @@ def task_monitor(cfg: DictConfig) -> str:
 
 
 def with_task_defaults(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with the multi-label monitor (val/map) in place of the default val/acc, said in the log."""
-    from finetune.resume import with_value
-
+    """``cfg`` (a copy) with the multi-label monitor (val/map) in place of the default val/acc, said in the log."""
     if task_monitor(cfg) != str(cfg.monitor):
         log.info("task=multilabel: best.ckpt, early stopping and the plateau rule follow %s (mean average precision) "
                  "instead of val/acc (exact match); pass monitor=val/micro_f1 or another to change it.",
                  MULTILABEL_MONITOR)
-        return with_value(cfg, "monitor", MULTILABEL_MONITOR)
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.monitor = MULTILABEL_MONITOR
+        return cfg
     return cfg

@@ -31,8 +31,6 @@ from finetune.errors import FinetuneError, ProcessLost, TrainingInterrupted
 from finetune.history import HistoryCSVLogger
 from finetune.members import ENSEMBLE_FILE
 from finetune.models.backbone import check_backbone_name
-from finetune.multilabel import fit_thresholds
-from finetune.open_set import fit_open_set
 from finetune.prepare import NO_VALIDATION, Prepared, prepare_run, recipe_before_measurement
 from finetune.preview import write_preview_or_warn
 from finetune.recipe.auto import RECIPE_FILE
@@ -58,6 +56,8 @@ from finetune.run_folder import (
 from finetune.scoring import (
     calibrate_checkpoint,
     checkpoint_to_score,
+    fit_open_set,
+    fit_thresholds,
     flat,
     report_or_warning,
     score_checkpoints,

@@ -90,14 +90,14 @@ def test_calibration_is_fitted_stored_and_used_by_predict_load_and_export(tmp_pa
 def test_calibration_is_skipped_without_validation_or_when_off(tmp_path: Path):
     root = digit_folders(tmp_path / "digits", per_split=8, splits=("train",))
     run = tmp_path / "run"
-    result = run_cli("finetune", f"data.root={root}", f"run_dir={run}", "policy=linear_probe", *FAST,
-                     "data.val_fraction=0", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    from conftest import make_cfg
+
+    from finetune.train import train
+
+    train(make_cfg([f"data.root={root}", f"run_dir={run}", "policy=linear_probe", *FAST, "data.val_fraction=0"]))
     assert "no validation split" in json.loads((run / "metrics.json").read_text())["calibration"]["skipped"]
     run2 = tmp_path / "run2"
-    result = run_cli("finetune", f"data.root={root}", f"run_dir={run2}", "policy=linear_probe", *FAST,
-                     "calibrate=false", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train(make_cfg([f"data.root={root}", f"run_dir={run2}", "policy=linear_probe", *FAST, "calibrate=false"]))
     metrics = json.loads((run2 / "metrics.json").read_text())
     assert metrics["calibration"] == {"skipped": "calibrate=false"}
     assert "temperature" not in read_checkpoint(metrics["scored_checkpoint"])[CHECKPOINT_KEY]

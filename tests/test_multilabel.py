@@ -111,9 +111,10 @@ def pairs_run(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("pairs")
     csv_path = digit_pairs_csv(base / "pairs")
     run = base / "run"
-    result = run_cli("finetune", f"data.root={csv_path}", "task=multilabel", f"run_dir={run}", "policy=partial",
-                     *FAST_64, "trainer.max_epochs=6", "augment=none", "data.batch_size=16", cwd=base)
-    assert result.returncode == 0, result.stderr[-3000:]
+    from finetune.train import train
+
+    train(make_cfg([f"data.root={csv_path}", "task=multilabel", f"run_dir={run}", "policy=partial", *FAST_64,
+                    "trainer.max_epochs=6", "augment=none", "data.batch_size=16"]))
     return {"csv": csv_path, "run": run, "base": base}
 
 
@@ -179,9 +180,13 @@ def test_multilabel_refusals(pairs_run, tmp_path: Path):
                           f"output={tmp_path / 'p.csv'}", "unknown=auto"], "predict"))
     result = run_cli("finetune", f"data.root={csv_path}", f"run_dir={tmp_path / 'r'}", cwd=tmp_path)
     assert_user_error(result, "has a 'labels' column", "task=multilabel")
-    result = run_cli("finetune", f"data.root={csv_path}", "task=multilabel", "data.sampler=balanced",
-                     f"run_dir={tmp_path / 'r2'}", cwd=tmp_path)
-    assert_user_error(result, "data.sampler=balanced", "not defined when an image has several classes")
-    result = run_cli("finetune", f"data.root={csv_path}", "task=multilabel", "monitor=val/balanced_acc",
-                     f"run_dir={tmp_path / 'r3'}", cwd=tmp_path)
-    assert_user_error(result, "monitor=val/balanced_acc is logged with task=multiclass only")
+    from finetune.config_checks import check_train_config  # what `finetune` checks before importing torch
+
+    for override, message in (("data.sampler=balanced", "not defined when an image has several classes"),
+                              ("monitor=val/balanced_acc", "monitor=val/balanced_acc is logged with task=multiclass"),
+                              ("callbacks.early_stopping.monitor=val/balanced_acc", "callbacks.early_stopping.monitor"),
+                              ("open_set.fit=true", "open_set.fit=true works with task=multiclass only")):
+        with pytest.raises(FinetuneError, match=message):
+            check_train_config(make_cfg([f"data.root={csv_path}", "task=multilabel", override]))
+    with pytest.raises(FinetuneError, match="monitor=val/map is logged with task=multilabel only"):
+        check_train_config(make_cfg([f"data.root={csv_path}", "monitor=val/map"]))

@@ -94,7 +94,7 @@ def measure(known: Path, unknown: Path, run: Path) -> dict:
 
     from finetune.members import device_for
     from finetune.models.checkpoint import load_classifier
-    from finetune.open_set import split_outputs
+    from finetune.scoring import split_outputs
 
     metrics = json.loads((run / "metrics.json").read_text())
     loaded = load_classifier(metrics["scored_checkpoint"])
