@@ -61,7 +61,8 @@ def train_ensemble(cfg: DictConfig, train_member: Callable[[DictConfig], dict[st
                         **{key: result[key] for key in ("val/acc", "test/acc") if key in result}})
     # The members' own index: the same scan, without the files their data check skipped (cached: instant).
     index, _ = checked_index(scan_configured(cfg), cfg)
-    scores = score_checkpoints([m["checkpoint"] for m in members], index, list(cfg.tta), cfg)
+    tuned: dict[str, Any] = {}  # multi-label: the thresholds tuned on the averaged val probabilities
+    scores = score_checkpoints([m["checkpoint"] for m in members], index, list(cfg.tta), cfg, tuned)
     metrics: dict[str, Any] = {
         **flat(scores),
         "ensemble": {"size": size, "members": members, "tta": list(cfg.tta)},
@@ -73,7 +74,7 @@ def train_ensemble(cfg: DictConfig, train_member: Callable[[DictConfig], dict[st
             metrics["ensemble"][f"mean_member_{key}"] = sum(values) / len(values)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_json(run_dir / ENSEMBLE_FILE, {"members": [str(Path(m["checkpoint"]).relative_to(run_dir)) for m in members],
-                                         "kind": "seeds"})
+                                         "kind": "seeds", **tuned})
     write_json(run_dir / "metrics.json", metrics)
     log.info("Ensemble of %d: %s (mean member: %s)", size, summary(metrics),
              ", ".join(f"{k}={metrics['ensemble'][f'mean_member_{k}']:.4f}" for k in ("val/acc", "test/acc")

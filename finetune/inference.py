@@ -23,6 +23,7 @@ from finetune.members import (
     device_for,
     load_members,
     member_probabilities,
+    multilabel_thresholds,
     resolve_members,
     score_probabilities,
 )
@@ -135,7 +136,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
                                 f"read (e.g. {': '.join(next(iter(skipped.items())))}); nothing was scored.")
         keep = [i for i, (path, _) in enumerate(samples) if path not in skipped]
         probs, samples = probs[:, keep], [samples[i] for i in keep]
-    scores = score_probabilities(probs, [label for _, label in samples], members[0].thresholds, members[0].classes)
+    scores = score_probabilities(probs, [label for _, label in samples], multilabel_thresholds(cfg.ckpt, members),
+                                 members[0].classes)
     metrics = {
         "ckpt": ([str(Path(m.path).resolve()) for m in members] if len(members) > 1
                  else str(Path(members[0].path).resolve())),
@@ -201,7 +203,7 @@ def predict(cfg: DictConfig) -> Path:
         raise FinetuneError(f"none of the {len(paths)} images under input={cfg.input} could be read (e.g. {first[0]}: "
                             f"{first[1]}); nothing was written. Check that input= points at your images.")
     if members[0].multilabel:
-        rows = multilabel_rows(probs, paths, skipped, classes, members[0].thresholds, k)
+        rows = multilabel_rows(probs, paths, skipped, classes, multilabel_thresholds(cfg.ckpt, members), k)
         write_output(output, _to_csv(rows), overwrite=bool(cfg.overwrite))
         if skipped:
             _report_skipped(skipped, f"input={cfg.input}", len(paths))

@@ -45,6 +45,17 @@ def resolve_members(ckpt: Any, key: str = "ckpt") -> list[str]:
     return [str(path)]
 
 
+def multilabel_thresholds(ckpt: Any, members: Sequence[LoadedCheckpoint]) -> list[float] | None:
+    """The per-class thresholds for these members' averaged probabilities: a run folder's ensemble has its own
+    (tuned on the averaged val probabilities, in ensemble.json), one checkpoint its own; else None (0.5)."""
+    if len(members) == 1:
+        return members[0].thresholds
+    listing = Path(str(ckpt)).expanduser() / ENSEMBLE_FILE if not isinstance(ckpt, (list, tuple, ListConfig)) else None
+    if listing is not None and listing.is_file():
+        return json.loads(listing.read_text()).get("thresholds")
+    return None
+
+
 def _scored_checkpoint(run: Path) -> Path:
     """RUN/checkpoints/<the file the run scored> (best.ckpt or last.ckpt, see score_checkpoint), looked up
     by name inside ``run`` so a moved run folder still resolves; best.ckpt for runs without that record."""

@@ -107,10 +107,19 @@ def members_split_probabilities(members: list[LoadedCheckpoint], index, tta: lis
             for split in ("val", "test") if index.splits.get(split)}
 
 
-def score_checkpoints(paths: list[str], index, tta: list[str], cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """Averaged-probability scores of checkpoints on the run's own val and test splits."""
-    return {split: score_probabilities(probs, [label for _, label in index.splits[split]])
-            for split, probs in split_probabilities(paths, index, tta, cfg).items()}
+def score_checkpoints(paths: list[str], index, tta: list[str], cfg: DictConfig,
+                      with_thresholds: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Averaged-probability scores of checkpoints on the run's own val and test splits. Multi-label: at per-class
+    thresholds tuned on the averaged val probabilities (``with_thresholds``, a dict, receives them), else 0.5."""
+    probs = split_probabilities(paths, index, tta, cfg)
+    thresholds = None
+    if index.multilabel and "val" in probs:
+        targets = multi_hot_rows([y for _, y in index.splits["val"]], len(index.classes))
+        thresholds = tune_thresholds(probs["val"].mean(0), targets)
+        if with_thresholds is not None:
+            with_thresholds["thresholds"] = thresholds
+    return {split: score_probabilities(p, [label for _, label in index.splits[split]], thresholds, index.classes)
+            for split, p in probs.items()}
 
 
 def flat(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:

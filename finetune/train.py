@@ -310,12 +310,13 @@ def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, An
     if cfg.tta and scored:
         metrics["tta"] = {"views": list(cfg.tta), **flat(score_checkpoints([scored], index, list(cfg.tta), cfg))}
     if snapshot_paths:
+        tuned: dict[str, Any] = {}  # multi-label: the thresholds tuned on the snapshots' averaged val probabilities
         metrics["snapshot_ensemble"] = {
             "snapshots": snapshot_paths,
-            **flat(score_checkpoints(snapshot_paths, index, list(cfg.tta), cfg)),
+            **flat(score_checkpoints(snapshot_paths, index, list(cfg.tta), cfg, tuned)),
         }
         write_json(run_dir / ENSEMBLE_FILE, {"members": [str(Path(p).relative_to(run_dir)) for p in snapshot_paths],
-                                             "kind": "snapshot"})
+                                             "kind": "snapshot", **tuned})
     write_json(run_dir / "metrics.json", metrics)  # first: a failing report or plot cannot lose it
     if cfg.report:
         metrics.update(report_or_warning(run_dir, scored, index, run.record, metrics, cfg, run.preprocessing,

@@ -64,3 +64,4 @@ done
 .venv/bin/python scripts/bench/calibration.py --write
 .venv/bin/python scripts/bench/open_set.py --seeds 0 1 --write
 .venv/bin/python scripts/bench/multilabel.py --write
+.venv/bin/python scripts/bench/multilabel.py --set fmnist-pairs-longtail --write

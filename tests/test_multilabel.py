@@ -171,6 +171,24 @@ def test_a_multilabel_run_tunes_stores_and_uses_per_class_thresholds(pairs_run, 
     assert probs.shape == (2, 10) and not np.allclose(probs.sum(1), 1.0)  # independent per class
 
 
+def test_an_ensemble_uses_the_thresholds_tuned_on_its_averaged_probabilities(pairs_run, tmp_path: Path):
+    """A run folder's ensemble.json carries the thresholds of the averaged model (ensemble.py / snapshots tune
+    them on the averaged val probabilities); predict and eval use those, not one member's."""
+    from finetune.inference import predict
+
+    m = json.loads((pairs_run["run"] / "metrics.json").read_text())["multilabel"]
+    ensemble = tmp_path / "ens"
+    ensemble.mkdir()
+    (ensemble / "ensemble.json").write_text(json.dumps({"members": [m["checkpoint"], m["checkpoint"]],
+                                                        "kind": "seeds", "thresholds": [0.95] * 10}))
+    out = tmp_path / "p.csv"
+    image = pairs_run["base"] / "pairs" / "test_0.png"
+    predict(make_cfg([f"ckpt={ensemble}", f"input={image}", f"output={out}", "topk=10"], "predict"))
+    row = next(csv.DictReader(out.open()))
+    probs = {row[f"label_{i}"]: float(row[f"prob_{i}"]) for i in range(1, 11)}
+    assert set(filter(None, row["labels"].split(";"))) == {c for c, p in probs.items() if p >= 0.95}
+
+
 def test_multilabel_refusals(pairs_run, tmp_path: Path):
     run, csv_path = pairs_run["run"], pairs_run["csv"]
     from finetune.inference import predict

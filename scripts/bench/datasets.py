@@ -79,10 +79,14 @@ def _write_longtail(out: Path, source: Path, largest: int = 200, smallest: int =
             shutil.copytree(source / split, out / split)
 
 
-PAIRS_SIZES = {"fmnist-pairs": {"train": 1000, "val": 200, "test": 1000}}
+PAIRS_SIZES = {"fmnist-pairs": {"train": 1000, "val": 200, "test": 1000},
+               "fmnist-pairs-longtail": {"train": 1000, "val": 200, "test": 700}}  # the test file has 500 per class
+# fmnist-pairs-longtail: class k (label order) is drawn with weight (1/20)^(k/9): the commonest class is on ~20x
+# as many images as the rarest, in every split (the thresholds are tuned and tested on the same skew).
+PAIRS_TAIL = {"fmnist-pairs-longtail": 20.0}
 
 
-def _write_pairs(out: Path, sizes: dict[str, int], seed: int = 0) -> None:
+def _write_pairs(out: Path, sizes: dict[str, int], seed: int = 0, tail: float = 1.0) -> None:
     """Multi-label: two real Fashion-MNIST items side by side (56 x 28 px), labelled with both classes; one image
     in four shows a single item beside a blank half (one label). Train draws from the official training file,
     val and test from the test file (disjoint halves). Written as out/images/*.png and out/labels.csv
@@ -105,6 +109,11 @@ def _write_pairs(out: Path, sizes: dict[str, int], seed: int = 0) -> None:
     for split, n in sizes.items():
         images, labels = data["train" if split == "train" else "test"]
         pool = pools[split]
+        if tail > 1:  # items drawn class by class, the classes by their long-tail weight
+            weights = np.array([(1 / tail) ** (k / 9) for k in range(10)])
+            by_class = {k: [j for j in pool if labels[j] == k] for k in range(10)}
+            drawn = rng.choice(10, size=2 * n, p=weights / weights.sum())
+            pool = np.array([by_class[k].pop() for k in drawn])
         for i in range(n):
             a, b = pool[2 * i], pool[2 * i + 1]
             single = rng.random() < 0.25 or labels[a] == labels[b]
@@ -134,7 +143,7 @@ def build(root: Path, names: list[str]) -> dict[str, Path]:
             elif name in REAL_SETS:
                 write_real(name, out)
             elif name in PAIRS_SIZES:
-                _write_pairs(out, PAIRS_SIZES[name])
+                _write_pairs(out, PAIRS_SIZES[name], tail=PAIRS_TAIL.get(name, 1.0))
             else:
                 raise SystemExit(f"unknown benchmark dataset {name!r}: choose from "
                                  f"{[*FMNIST_SIZES, *LONGTAIL_SOURCES, 'digits', *REAL_SETS, *PAIRS_SIZES]}")

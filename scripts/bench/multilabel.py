@@ -94,13 +94,14 @@ def probe_baseline(csv_path: Path, image_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", default=SET, choices=["fmnist-pairs", "fmnist-pairs-longtail"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--baseline-only", action="store_true", help="only the linear probe baseline")
     parser.add_argument("--write", action="store_true", help="rewrite the multi-label table in BENCHMARKS.md")
     parser.add_argument("--baseline-size", type=int, default=64, help="its input size with --baseline-only")
     args = parser.parse_args()
     accuracy._init_worker(args.threads)
-    folder = datasets.build(datasets.REPO / "data" / "bench", [SET])[SET]
+    folder = datasets.build(datasets.REPO / "data" / "bench", [args.set])[args.set]
     csv_path = folder / "labels.csv"
     if args.baseline_only:
         print(json.dumps(probe_baseline(csv_path, args.baseline_size)), flush=True)
@@ -115,7 +116,7 @@ def main() -> None:
     lines = table(rows, baseline)
     print("\n".join(lines))
     if args.write:
-        sections.replace_between("multilabel", lines)
+        sections.replace_between("multilabel" if args.set == SET else "multilabel-longtail", lines)
 
 
 def table(rows: list[dict], baseline: dict) -> list[str]:
