@@ -18,7 +18,6 @@ The record stored in the scored checkpoint (``finetune.open_set``) holds the kin
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -28,9 +27,6 @@ from torch import nn
 
 from finetune.errors import FinetuneError
 
-log = logging.getLogger(__name__)
-
-SCORES = ("knn", "msp", "energy")
 # Training images whose features the knn score compares with (a seeded sample when there are more): 5,000 x
 # 1,280 features in float16 add 12.8 MB to the checkpoint; Sun et al. found a 1% sample of ImageNet enough.
 BANK_MAX = 5000
@@ -128,8 +124,9 @@ def unknown_setup(value: Any, members: list, tta: list[str], key: str = "unknown
                             f"probability below its class's threshold). Predict without {key}=.")
     if len(members) > 1:
         raise FinetuneError(f"{key}={value} works with one checkpoint, and ckpt= names an ensemble of {len(members)}: "
-                            f"each member has its own threshold. Pass one member (e.g. ckpt={members[0].path}), or "
-                            f"predict without {key}=.")
+                            f"the threshold is fitted for one network's scores. Pass the checkpoint a run scored "
+                            f"(RUN/checkpoints/best.ckpt or last.ckpt: metrics.json 'open_set' names it), or predict "
+                            f"without {key}=.")
     if tta:
         raise FinetuneError(f"{key}={value} cannot be combined with tta={list(tta)}: the threshold was fitted on the "
                             f"plain view of each validation image. Drop tta= (or {key}=).")
