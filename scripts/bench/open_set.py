@@ -148,10 +148,8 @@ def main() -> None:
         known, unknown = open_folders(data_root, name, [int(h) for h in held.split(",")])
         for seed in args.seeds:
             run = data_root / "open" / "runs" / f"{known.name}-seed{seed}"
-            wall = None
-            if not (run / "metrics.json").is_file():
-                shutil.rmtree(run, ignore_errors=True)
-                wall = train_into(run, accuracy.zero_config_overrides(str(known), seed, str(run), None))
+            shutil.rmtree(run, ignore_errors=True)  # always trained by this code: a kept run may be older
+            wall = train_into(run, accuracy.zero_config_overrides(str(known), seed, str(run), None))
             row = {"set": spec, "seed": seed, "wall_s": wall and round(wall, 1), **measure(known, unknown, run)}
             rows.append(row)
             print(json.dumps(row), flush=True)
