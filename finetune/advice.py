@@ -40,12 +40,14 @@ def advise(cfg: DictConfig) -> dict[str, Any]:
     after_measurement(cfg, recipe, choice)
     record = choice.record()
     print(format_policy_block(record))
+    task = " task=multilabel" if str(cfg.task) == "multilabel" else ""  # the command must read the CSV the same way
     if recipe.mode == "auto":
         record["recipe"] = recipe.to_dict()
         print("\n" + format_recipe_block(record["recipe"]))
         forced = f" policy={record['policy_requested']}" if record["policy_requested"] != "auto" else ""
-        print(f"\nTrain with it: finetune data.root={cfg.data.root}{forced} (recipe=auto makes these choices again)")
+        print(f"\nTrain with it: finetune data.root={cfg.data.root}{task}{forced} (recipe=auto makes these choices "
+              f"again)")
     else:
-        print(f"\nTrain with it: finetune data.root={cfg.data.root} policy={record['policy_requested']}"
+        print(f"\nTrain with it: finetune data.root={cfg.data.root}{task} policy={record['policy_requested']}"
               + (f" data.image_size={cfg.data.image_size}" if cfg.data.image_size else ""))
     return record
