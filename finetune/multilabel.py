@@ -19,12 +19,18 @@ THRESHOLD_RANGE = (0.05, 0.95)
 CANDIDATES = torch.linspace(*THRESHOLD_RANGE, 91)  # steps of 0.01
 
 
+def multi_hot(label: tuple[int, ...], num_classes: int) -> torch.Tensor:
+    """One sample's class indices as the 0/1 float target of a sigmoid per class."""
+    target = torch.zeros(num_classes)
+    target[list(label)] = 1.0
+    return target
+
+
 def multi_hot_rows(labels: Sequence[tuple[int, ...]], num_classes: int) -> torch.Tensor:
     """Samples' tuples of class indices as an [images, classes] 0/1 tensor."""
-    rows = torch.zeros(len(labels), num_classes)
-    for i, label in enumerate(labels):
-        rows[i, list(label)] = 1.0
-    return rows
+    if not labels:
+        return torch.zeros(0, num_classes)
+    return torch.stack([multi_hot(label, num_classes) for label in labels])
 
 
 def tune_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> list[float]:

@@ -184,12 +184,17 @@ def calibrate_checkpoint(mode: str, scored: str | None, index, cfg,
     return result, {split: p[None] for split, p in after.items()}
 
 
-def fit_thresholds(scored: str | None, index, cfg, no_validation: str | None) -> dict[str, Any]:
+def fit_thresholds(scored: str | None, index, cfg, no_validation: str | None,
+                   kept: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """After a multi-label fit: thresholds tuned on the scored checkpoint's validation probabilities, stored in it,
-    and the val/test scores at 0.5 and at the tuned thresholds (metrics.json "multilabel")."""
+    and the val/test scores at 0.5 and at the tuned thresholds (metrics.json "multilabel"). ``kept`` (a dict)
+    receives those probabilities as :func:`split_probabilities` gives them, so the report needs no second pass."""
     if scored is None:
         return {"skipped": "no checkpoint was kept"}
-    probs = {split: p.mean(0) for split, p in split_probabilities([scored], index, [], cfg).items()}
+    per_member = split_probabilities([scored], index, [], cfg)
+    if kept is not None:
+        kept.update(per_member)
+    probs = {split: p.mean(0) for split, p in per_member.items()}
     targets = {split: multi_hot_rows([y for _, y in index.splits[split]], len(index.classes)) for split in probs}
     result: dict[str, Any] = {}
     if no_validation or "val" not in probs:

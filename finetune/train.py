@@ -292,8 +292,10 @@ def _finish(cfg: DictConfig, run_dir: Path, run: Prepared, metrics: dict[str, An
                  c["temperature"], c["fitted_on"], c["val"]["ece_before"], c["val"]["ece_after"],
                  f", on test {c['test']['ece_before']:.4f} -> {c['test']['ece_after']:.4f}" if "test" in c else "")
     if index.multilabel:
+        kept: dict[str, torch.Tensor] = {}  # the scored checkpoint's val/test probabilities, for the report
         metrics["multilabel"] = m = _guarded("multi-label thresholds", fit_thresholds, scored, index, cfg,
-                                             no_validation)
+                                             no_validation, kept)
+        scored_probs = kept or None
         for split in ("val", "test"):
             if split in m:
                 log.info("Multi-label %s: mAP %.4f, micro F1 %.4f at the tuned thresholds (%.4f at 0.5), macro F1 %.4f",

@@ -24,6 +24,7 @@ from finetune.data.images import BadImageError, load_image
 from finetune.data.imbalance import balanced_sampler
 from finetune.data.transforms import Preprocessing, eval_transform, train_transform
 from finetune.errors import FinetuneError
+from finetune.multilabel import multi_hot
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,6 @@ def decode_side(pp: Preprocessing) -> int:
     """Decoded images keep at most twice the resize size: enough detail for any crop >= 1/4 of the
     area. Training, evaluation and prediction all decode this way, so they see the same pixels."""
     return 2 * pp.resize_size
-
-
-def multi_hot(label: tuple[int, ...], num_classes: int | None) -> torch.Tensor:
-    """Several class indices (task=multilabel) as the 0/1 float target of a sigmoid per class."""
-    if num_classes is None:
-        raise ValueError("a multi-label sample needs the dataset's num_classes")
-    target = torch.zeros(num_classes)
-    target[list(label)] = 1.0
-    return target
 
 
 class ImageListDataset(Dataset):
@@ -70,6 +62,8 @@ class ImageListDataset(Dataset):
         else:
             image, label = self._load(i)
         if isinstance(label, tuple):
+            if self.num_classes is None:
+                raise ValueError("a multi-label sample needs the dataset's num_classes")
             label = multi_hot(label, self.num_classes)
         return self.transform(image=image)["image"], label
 

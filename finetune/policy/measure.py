@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from finetune.data.datamodule import ImageListDataset, decode_all, decode_side
 from finetune.data.datasets import DatasetIndex, Sample, label_list, stratum
 from finetune.data.transforms import Preprocessing, eval_transform
+from finetune.multilabel import multi_hot_rows
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,7 @@ def measure(
     per_class = [counts.get(i, 0) for i in range(len(index.classes))]
     picked = subsample(train, max_per_class, max_images, seed)
     if index.multilabel:  # 0/1 rows; each probe is scored by mean average precision (probe_map)
-        labels = np.zeros((len(picked), len(index.classes)), dtype=int)
-        for row, (_, label) in enumerate(picked):
-            labels[row, list(label)] = 1
+        labels = multi_hot_rows([label for _, label in picked], len(index.classes)).numpy().astype(int)
         min_count = int(labels.sum(0)[labels.sum(0) > 0].min())
         probe, flip = probe_map, False  # a flip probe needs one class per image
     else:
