@@ -65,3 +65,4 @@ done
 .venv/bin/python scripts/bench/open_set.py --seeds 0 1 --write
 .venv/bin/python scripts/bench/multilabel.py --write
 .venv/bin/python scripts/bench/multilabel.py --set fmnist-pairs-longtail --write
+.venv/bin/python scripts/bench/multilabel.py --set emoji-pairs --seeds 0 1 --write

@@ -8,7 +8,8 @@
 - ``fmnist-longtail``, ``glyphs-longtail``: fmnist-200's / glyphs-all's training images cut to a long tail
   (200, 133, 88, ..., 5 per class: ratio 40), with the source's balanced val / test splits: the imbalance
   benchmark.
-- ``fmnist-pairs`` (multi-label): two Fashion-MNIST items side by side, labelled with both classes (labels.csv).
+- ``fmnist-pairs`` (multi-label): two Fashion-MNIST items side by side, labelled with both classes (labels.csv);
+  ``fmnist-pairs-longtail`` the same with long-tailed classes; ``emoji-pairs`` two colour emoji of emoji-objects.
 - ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, ~180 per class), a very different,
   very small domain; a seeded stratified split into 50% train, 10% validation, 40% test.
 - ``stamps``, ``emoji-objects``, ``glyphs``: real pictures from Debian/PyPI packages (Tux Paint's
@@ -127,6 +128,39 @@ def _write_pairs(out: Path, sizes: dict[str, int], seed: int = 0, tail: float = 
     (out / "test").mkdir()
 
 
+# Multi-label in colour: two emoji of emoji-objects side by side (144 x 72 px), items drawn with replacement (the set
+# is small); train and val from disjoint 80/20 parts of its training emoji, test from its test emoji.
+COLOUR_PAIRS = {"emoji-pairs": ("emoji-objects", {"train": 800, "val": 200, "test": 500})}
+
+
+def _write_colour_pairs(out: Path, source: Path, sizes: dict[str, int], seed: int = 0) -> None:
+    import csv
+
+    rng = np.random.default_rng(seed)
+    classes = sorted(p.name for p in (source / "train").iterdir())
+    items = {split: [(f, c) for c in classes for f in sorted((source / split / c).iterdir())]
+             for split in ("train", "test")}
+    order = rng.permutation(len(items["train"]))
+    cut = int(0.8 * len(order))
+    pools = {"train": [items["train"][i] for i in order[:cut]], "val": [items["train"][i] for i in order[cut:]],
+             "test": items["test"]}
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, n in sizes.items():
+        pool = pools[split]
+        for i in range(n):
+            (fa, ca), (fb, cb) = (pool[j] for j in rng.integers(0, len(pool), 2))
+            a = np.asarray(Image.open(fa).convert("RGB").resize((72, 72)))
+            single = rng.random() < 0.25 or ca == cb
+            b = np.full_like(a, 255) if single else np.asarray(Image.open(fb).convert("RGB").resize((72, 72)))
+            name = f"images/{split}_{i:05d}.png"
+            Image.fromarray(np.hstack([a, b])).save(out / name)
+            rows.append([name, ";".join(sorted({ca} | (set() if single else {cb}))), split])
+    with (out / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["path", "labels", "split"], *rows])
+    (out / "test").mkdir()
+
+
 def build(root: Path, names: list[str]) -> dict[str, Path]:
     """Write the named sets under ``root`` (reusing complete ones) and return name -> folder."""
     folders = {}
@@ -142,11 +176,14 @@ def build(root: Path, names: list[str]) -> dict[str, Path]:
                 _write_longtail(out, build(root, [source])[source])
             elif name in REAL_SETS:
                 write_real(name, out)
+            elif name in COLOUR_PAIRS:
+                source, sizes = COLOUR_PAIRS[name]
+                _write_colour_pairs(out, build(root, [source])[source], sizes)
             elif name in PAIRS_SIZES:
                 _write_pairs(out, PAIRS_SIZES[name], tail=PAIRS_TAIL.get(name, 1.0))
             else:
-                raise SystemExit(f"unknown benchmark dataset {name!r}: choose from "
-                                 f"{[*FMNIST_SIZES, *LONGTAIL_SOURCES, 'digits', *REAL_SETS, *PAIRS_SIZES]}")
+                known = [*FMNIST_SIZES, *LONGTAIL_SOURCES, "digits", *REAL_SETS, *PAIRS_SIZES, *COLOUR_PAIRS]
+                raise SystemExit(f"unknown benchmark dataset {name!r}: choose from {known}")
         folders[name] = out
     return folders
 
