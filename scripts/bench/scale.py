@@ -21,16 +21,27 @@ Images/s = timed images / (time waiting for the next batch + time in the step), 
   the loop a practitioner writes (torchvision `ImageFolder` + transforms, the same number of workers).
 
 Every contender runs in its own process (one at a time: two CPU-heavy jobs slow each other 5-10x), which
-reports its peak resident memory. timm's `train.py` is not compared: it is not in the timm wheel, and this
-machine cannot reach GitHub.
+reports its peak resident memory.
+
+timm's `train.py` (the reference training script of the timm repository; it is not in the timm wheel or sdist,
+so give a copy: `--timm-train PATH` or `TIMM_TRAIN_PY=PATH`) joins the streaming pair: the same files, model
+and weights (`--initial-checkpoint`, written from finetune's bundled weights with the new head), `--img-size 64
+--crop-pct 1.0 --no-aug`, batch 32, AdamW, no label smoothing, channels_last, the same number of loader
+workers, on the CPU (`device: cpu` through its `-c` YAML). Its own prefetching loader (uint8 batches,
+normalised after the transfer) is kept. It logs every 5 updates the mean update time (waiting for the batch
+included, as above); the images/s of updates 6 to `--steps` come from two of those means, and the process is
+stopped there (before its end-of-epoch validation).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,8 +52,9 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 BATCH, LR, WEIGHT_DECAY, SIZE, SKIP = 32, 1e-3, 0.01, 64, 5
 SIZES_X5 = (28, 42, 56, 70, 84)
-TIMM_SKIPPED = ("not run: timm's train.py is not in the timm wheel (it lives in the GitHub repository, which this "
-                "machine cannot reach)")
+TIMM_SKIPPED = ("not run: timm's train.py is not in the timm wheel or sdist (it lives in the GitHub repository); "
+                "give a copy with --timm-train PATH or TIMM_TRAIN_PY=PATH")
+TIMM_LOG = re.compile(r"Train: 0 \[\s*(\d+)/\d+.*?\((\d+\.\d+)s,.*Data: [\d.]+ \(([\d.]+)\)")
 
 
 def make_sets(root: Path, per_class: int) -> tuple[Path, Path]:
@@ -165,6 +177,65 @@ def run_plain(root: Path, steps: int, stream: bool, workers: int) -> dict:
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "wall_s": round(time.perf_counter() - started, 1)}
 
 
+def timm_checkpoint(out: Path) -> None:
+    """finetune's bundled weights with a new 10-class head, as a timm state dict (runs in a child: `--timm-ckpt`)."""
+    import torch
+
+    from finetune.models.backbone import load_pretrained
+
+    torch.manual_seed(0)
+    model, _, _ = load_pretrained("tf_efficientnet_lite0", "auto")
+    model.reset_classifier(10)
+    torch.save(model.state_dict(), out)
+
+
+def _peak_rss_tree_gb(pid: int) -> dict:
+    """Peak RSS (VmHWM) of a running process and of its largest child, read from /proc before it is stopped."""
+    def hwm(p: str) -> float:
+        try:
+            line = next(x for x in Path(f"/proc/{p}/status").read_text().splitlines() if x.startswith("VmHWM"))
+            return int(line.split()[1]) * 1024 / 1e9
+        except (OSError, StopIteration):
+            return 0.0
+    kids = [k for t in Path(f"/proc/{pid}/task").glob("*/children") for k in t.read_text().split()]
+    return {"process": round(hwm(str(pid)), 3), "largest_child": round(max(map(hwm, kids), default=0.0), 3)}
+
+
+def run_timm_train(script: Path, root: Path, steps: int, workers: int) -> dict:
+    """timm's train.py on the same files, stopped after `steps` updates; images/s from its logged mean times."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, cfg = Path(tmp) / "lite0_10.pth", Path(tmp) / "cpu.yaml"
+        subprocess.run([sys.executable, __file__, "--timm-ckpt", str(ckpt)], check=True)
+        cfg.write_text("device: cpu\n")  # this train.py has no --device flag; its YAML defaults reach args
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "-c", str(cfg), "--data-dir", str(root), "--val-split", "val",
+             "--model", "tf_efficientnet_lite0", "--initial-checkpoint", str(ckpt), "--num-classes", "10",
+             "--img-size", str(SIZE), "--crop-pct", "1.0", "--no-aug", "-b", str(BATCH), "--opt", "adamw",
+             "--lr", str(LR), "--weight-decay", str(WEIGHT_DECAY), "--smoothing", "0", "--channels-last",
+             "--workers", str(workers), "--epochs", "1", "--warmup-epochs", "0", "--log-interval", str(SKIP),
+             "--output", tmp], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        means: dict[int, tuple[float, float]] = {}  # update -> (mean update time, mean wait for data)
+        tail: list[str] = []
+        for line in proc.stdout:
+            tail = (tail + [line])[-20:]
+            if (hit := TIMM_LOG.search(line)):
+                means[int(hit[1])] = (float(hit[2]), float(hit[3]))
+                if int(hit[1]) >= steps:
+                    break
+        rss = _peak_rss_tree_gb(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)  # its loader workers too
+        proc.wait()
+        wall = time.perf_counter() - started
+    last = max(means, default=0)
+    if last < steps or SKIP not in means:
+        raise SystemExit(f"timm's train.py stopped before update {steps}:\n{''.join(tail)}")
+    # the mean of updates 0..k times (k + 1) is their total; the difference is updates SKIP+1..last
+    seconds, waited = (means[last][i] * (last + 1) - means[SKIP][i] * (SKIP + 1) for i in (0, 1))
+    return {"images_per_s": round(BATCH * (last - SKIP) / seconds, 1), "wait_share": round(waited / seconds, 3),
+            "peak_rss_gb": rss, "workers": workers, "wall_s": round(wall, 1)}
+
+
 def _ratio(rows: dict, ours: str, theirs: str) -> dict:
     """finetune / plain loop images/s: of the fastest rounds, and of the medians."""
     import statistics
@@ -177,9 +248,11 @@ def _ratio(rows: dict, ours: str, theirs: str) -> dict:
 STREAMED = "finetune, streaming"
 PLAIN_STREAMED = "plain loop, streaming (ImageFolder)"
 IN_MEMORY, PLAIN_IN_MEMORY = "finetune, in memory", "plain loop, in memory"
+TIMM_STREAMED = "timm train.py, streaming (its prefetching loader)"
 
 
-def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: int = 3, log=print) -> dict:
+def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: int = 3, log=print,
+            timm_train: Path | None = None) -> dict:
     """Every contender, `rounds` alternating rounds of the two pairs, then the 5x set once (the suite's entry)."""
     steps = steps or (40 if quick else 150)
     base, many = make_sets(data, 600 if quick else 5990)
@@ -190,6 +263,9 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
         (STREAMED, lambda: run_finetune(base, steps, stream=True)),
         (PLAIN_STREAMED, lambda: run_plain(base, steps, stream=True, workers=workers)),
     ]
+    timm_train = timm_train or (Path(os.environ["TIMM_TRAIN_PY"]) if os.environ.get("TIMM_TRAIN_PY") else None)
+    if timm_train:
+        pairs.append((TIMM_STREAMED, lambda: run_timm_train(timm_train, base, steps, workers)))
     runs: dict[str, list[dict]] = {name: [] for name, _ in pairs}
     for r in range(rounds):  # alternating, so a slow spell of the shared machine hits both sides
         for name, run in pairs:
@@ -204,9 +280,12 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
     return {
         "set": base.name, "many_set": many.name, "train_files": train_files,
         "many_files": train_files * len(SIZES_X5), "steps": steps, "batch": BATCH, "image_size": SIZE,
-        "cpus": os.cpu_count(), "rounds": rounds, "rows": rows, "timm_train": TIMM_SKIPPED,
+        "cpus": os.cpu_count(), "rounds": rounds, "rows": rows,
+        "timm_train": (f"run from a given copy ({timm_train.name}, sha256 "
+                       f"{hashlib.sha256(timm_train.read_bytes()).hexdigest()[:12]})" if timm_train else TIMM_SKIPPED),
         "ratio_in_memory": _ratio(rows, IN_MEMORY, PLAIN_IN_MEMORY),
         "ratio_streaming": _ratio(rows, STREAMED, PLAIN_STREAMED),
+        **({"ratio_timm": _ratio(rows, STREAMED, TIMM_STREAMED)} if timm_train else {}),
         "rss_many_over_base": round(rows[f"{STREAMED}, {many.name}"]["peak_rss_gb"]["process"]
                                     / rows[STREAMED]["peak_rss_gb"]["process"], 3),
     }
@@ -217,14 +296,18 @@ def main() -> None:
         _, _, root, steps, stream, workers = sys.argv
         print(json.dumps(plain_loop(root, int(steps), bool(int(stream)), int(workers))))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--timm-ckpt":
+        timm_checkpoint(Path(sys.argv[2]))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="600 images per class, 40 steps")
     parser.add_argument("--steps", type=int, help="training steps per contender (default 150; --quick 40)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each pair (default 3)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "bench")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--timm-train", type=Path, help="a copy of timm's train.py to compare (or TIMM_TRAIN_PY)")
     args = parser.parse_args()
-    result = measure(args.data, args.quick, args.steps, args.rounds)
+    result = measure(args.data, args.quick, args.steps, args.rounds, timm_train=args.timm_train)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
