@@ -90,6 +90,7 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.test_fraction", lambda v: _number(v, 0) and v < 1, "must be a number in [0, 1)"),
     ("data.preload", _optional(lambda v: isinstance(v, bool), "auto"), "must be auto, true or false"),
     ("data.pin_memory", _optional(lambda v: isinstance(v, bool), "auto"), "must be auto, true or false"),
+    ("data.normalize_on_device", lambda v: isinstance(v, bool), _FLAG),
     ("data.preload_max_gb", lambda v: _number(v, 0), "must be a number of GB >= 0"),
     ("data.validate", lambda v: isinstance(v, bool), _FLAG),
     ("data.min_image_side", lambda v: _whole(v, 1), "must be a whole number of pixels >= 1"),

@@ -164,6 +164,7 @@ def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, 
         sampler=imbalance.sampler,
         on_gpu=trainer.strategy.root_device.type == "cuda",
         processes_per_machine=trainer.num_devices,
+        normalize_on_device=bool(cfg.data.normalize_on_device),
     )
     optimizer, scheduler, scheduler_options = build_optimizer_and_scheduler(cfg)
     mixer = build_batch_mixer(augment, len(index.classes), index.multilabel)  # images only: not cached features

@@ -29,6 +29,7 @@ RESUME_SAFE_KEYS = (
     "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.accelerator", "trainer.devices",
     "trainer.strategy", "trainer.num_nodes", "ddp_timeout_s",
     "data.num_workers", "data.pin_memory", "data.preload", "data.preload_max_gb", "data.eval_batch_size",
+    "data.normalize_on_device",
     "report", "tta", "score_checkpoint", "calibrate", "open_set.fit", "open_set.score", "open_set.reject",
 )
 _ABSENT = object()

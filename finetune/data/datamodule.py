@@ -43,8 +43,10 @@ class ImageListDataset(Dataset):
     left it out; otherwise the error names the file."""
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, images: Sequence[np.ndarray] | None = None,
-                 max_side: int | None = None, on_bad_file: str = "error", num_classes: int | None = None):
+                 max_side: int | None = None, on_bad_file: str = "error", num_classes: int | None = None,
+                 uint8: bool = False):
         self.samples = list(samples)
+        self.uint8 = uint8  # the transform leaves normalisation to the device: its output must stay uint8
         # task=multilabel: a sample's tuple of class indices becomes a 0/1 float vector of num_classes
         self.num_classes = num_classes
         self.transform = transform
@@ -65,7 +67,14 @@ class ImageListDataset(Dataset):
             if self.num_classes is None:
                 raise ValueError("a multi-label sample needs the dataset's num_classes")
             label = multi_hot(label, self.num_classes)
-        return self.transform(image=image)["image"], label
+        out = self.transform(image=image)["image"]
+        if self.uint8 and out.dtype != torch.uint8:
+            raise FinetuneError(
+                f"The training augmentations turned the pixels into {out.dtype} (e.g. a ToFloat or Normalize in "
+                f"augment.transforms), but finetune normalises uint8 batches on the device "
+                f"(data.normalize_on_device=true). Remove that transform, or set data.normalize_on_device=false "
+                f"to normalise in the loader.")
+        return out, label
 
     def _load(self, i: int) -> tuple[np.ndarray, int]:
         n = len(self.samples)
@@ -186,8 +195,11 @@ class ImageDataModule(L.LightningDataModule):
         sampler: str = "uniform",
         on_gpu: bool = False,
         processes_per_machine: int = 1,
+        normalize_on_device: bool = False,
     ):
         super().__init__()
+        # uint8 batches, normalised by the module after the transfer (FinetuneModule.on_after_batch_transfer)
+        self.normalize_on_device = normalize_on_device
         self.on_gpu = on_gpu  # the training steps run on a GPU: the CPU is free for loader workers meanwhile
         self.processes_per_machine = max(1, processes_per_machine)  # DDP ranks sharing this machine's cores
         self.sampler = sampler  # data.sampler: uniform | balanced (finetune/data/imbalance.py)
@@ -221,14 +233,16 @@ class ImageDataModule(L.LightningDataModule):
         if self.datasets:
             return
         for split, samples in self.index.splits.items():
-            transform = (train_transform(self.preprocessing, self.augment, self.seed) if split == "train"
-                         else eval_transform(self.preprocessing))
+            uint8 = self.normalize_on_device
+            transform = (train_transform(self.preprocessing, self.augment, self.seed, uint8=uint8) if split == "train"
+                         else eval_transform(self.preprocessing, uint8=uint8))
             images = self._decoded(samples)
             if images is not None and any(image is None for image in images):  # failed since the check: left out
                 samples = [s for s, image in zip(samples, images) if image is not None]
                 images = [image for image in images if image is not None]
             self.datasets[split] = ImageListDataset(samples, transform, images, self.max_side, self.on_bad_file,
-                                                    len(self.index.classes) if self.index.multilabel else None)
+                                                    len(self.index.classes) if self.index.multilabel else None,
+                                                    uint8=uint8)
         preloaded = all(d.images is not None for d in self.datasets.values())
         self.num_workers = self._resolve_workers(preloaded)
         log.info(

@@ -61,7 +61,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
             started = time.perf_counter()
             dataset = self.images.datasets[split]
             loader = DataLoader(dataset, batch_size=self.images.eval_batch_size, num_workers=self.images.num_workers)
-            features = TensorDataset(*pooled_features(self.net, loader))
+            features = TensorDataset(*pooled_features(self.net, loader, self.images.preprocessing))
             if split == "train" and self.augmented_views:
                 features = self._with_augmented_views(features)
             self.datasets[split] = features

@@ -15,18 +15,24 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.data.datamodule import ImageDataModule, ImageListDataset
-from finetune.data.transforms import eval_transform
+from finetune.data.transforms import Preprocessing, eval_transform, normalize_batch
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()  # not inference_mode: a warm-started head backpropagates through these tensors
-def pooled_features(net: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the classifier sees (timm's forward_head(pre_logits=True)) for every batch of ``loader``."""
+def pooled_features(net: nn.Module, loader: DataLoader,
+                    preprocessing: Preprocessing | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the classifier sees (timm's forward_head(pre_logits=True)) for every batch of ``loader``; uint8
+    batches (data.normalize_on_device) are normalised with ``preprocessing`` first."""
     was_training = net.training
     net.eval()
     feats, labels = [], []
     for x, y in loader:
+        if x.dtype == torch.uint8:
+            if preprocessing is None:
+                raise ValueError("uint8 batches need the preprocessing that normalises them")
+            x = normalize_batch(x, preprocessing)
         feats.append(net.forward_head(net.forward_features(x), pre_logits=True).float())
         labels.append(torch.as_tensor(y))
     net.train(was_training)
