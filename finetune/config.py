@@ -115,14 +115,21 @@ def _warn_without_checkpoints(cfg: DictConfig) -> None:
 def _validate_recipe(cfg: DictConfig) -> None:
     """Optimizer, scheduler, regularization, augmentation and TTA values that no schema can check (the
     combinations that need no library are checked in config_checks)."""
+    import numpy as np
+    import torch
+
     from finetune.data.mixing import build_batch_mixer
-    from finetune.data.transforms import Preprocessing, train_transform
+    from finetune.data.transforms import Preprocessing, not_uint8_error, train_transform
     from finetune.data.tta import check_tta
     from finetune.recipe.regularization import Regularization
 
     Regularization.from_config(OmegaConf.to_container(cfg.get("regularization") or {}, resolve=True))
     augment = OmegaConf.to_container(cfg.get("augment") or {}, resolve=True)
-    train_transform(Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0), augment)  # names and parameters
+    uint8 = bool(cfg.data.normalize_on_device)
+    pipeline = train_transform(Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0), augment,
+                               uint8=uint8)  # names and parameters
+    if uint8 and (dtype := pipeline(image=np.full((48, 48, 3), 128, np.uint8))["image"].dtype) != torch.uint8:
+        raise not_uint8_error(dtype)
     build_batch_mixer(augment, 2)
     check_tta(cfg.get("tta"))
     _check_optimizer(cfg.optimizer)

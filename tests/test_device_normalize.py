@@ -38,8 +38,20 @@ def test_the_device_normalisation_equals_the_loaders():
     assert augmented(image=images[0])["image"].dtype == torch.uint8
 
 
+def test_an_augmentation_that_returns_floats_is_refused_before_training(tmp_path: Path):
+    """The config check runs the pipeline once: a float-producing transform is refused with the way out, and
+    accepted when the loader normalises."""
+    from finetune.config import validate_train_config
+
+    overrides = [f"data.root={digit_folders(tmp_path, per_split=2, splits=('train',))}",
+                 "augment.transforms=[{ToFloat: {}}]"]
+    with pytest.raises(FinetuneError, match=r"float32.*data.normalize_on_device=false"):
+        validate_train_config(make_cfg(overrides))
+    validate_train_config(make_cfg([*overrides, "data.normalize_on_device=false"]))
+
+
 def test_an_augmentation_that_returns_floats_is_named_not_trained_on():
-    """A float-producing transform would reach the network unnormalised: refused with the way out."""
+    """The dataset's backstop, for a pipeline the config check did not see."""
     transform = train_transform(PP, {"crop": "center", "transforms": [{"ToFloat": {}}]}, uint8=True)
     dataset = ImageListDataset([("a.png", 0)], transform, images=_real_images(1), uint8=True)
     with pytest.raises(FinetuneError, match="data.normalize_on_device=false"):

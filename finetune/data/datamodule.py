@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from finetune.data.datasets import DatasetIndex, Sample
 from finetune.data.images import BadImageError, load_image
 from finetune.data.imbalance import balanced_sampler
-from finetune.data.transforms import Preprocessing, eval_transform, train_transform
+from finetune.data.transforms import Preprocessing, eval_transform, not_uint8_error, train_transform
 from finetune.errors import FinetuneError
 from finetune.multilabel import multi_hot
 
@@ -68,12 +68,8 @@ class ImageListDataset(Dataset):
                 raise ValueError("a multi-label sample needs the dataset's num_classes")
             label = multi_hot(label, self.num_classes)
         out = self.transform(image=image)["image"]
-        if self.uint8 and out.dtype != torch.uint8:
-            raise FinetuneError(
-                f"The training augmentations turned the pixels into {out.dtype} (e.g. a ToFloat or Normalize in "
-                f"augment.transforms), but finetune normalises uint8 batches on the device "
-                f"(data.normalize_on_device=true). Remove that transform, or set data.normalize_on_device=false "
-                f"to normalise in the loader.")
+        if self.uint8 and out.dtype != torch.uint8:  # config.py refuses such a pipeline first; this is the backstop
+            raise not_uint8_error(out.dtype)
         return out, label
 
     def _load(self, i: int) -> tuple[np.ndarray, int]:

@@ -99,6 +99,14 @@ def _normalize(pp: Preprocessing, uint8: bool = False) -> list[A.BasicTransform]
     return [A.Normalize(mean=pp.mean, std=pp.std, max_pixel_value=255.0), ToTensorV2()]
 
 
+def not_uint8_error(dtype: torch.dtype) -> FinetuneError:
+    """A pipeline meant to end in uint8 pixels (data.normalize_on_device) ended in ``dtype``."""
+    return FinetuneError(
+        f"The training augmentations turn the pixels into {dtype} (e.g. ToFloat or Normalize in augment.transforms), "
+        f"but finetune normalises uint8 batches on the device (data.normalize_on_device=true). Remove that transform, "
+        f"or set data.normalize_on_device=false to normalise in the loader.")
+
+
 def normalize_batch(x: torch.Tensor, pp: Preprocessing) -> torch.Tensor:
     """A uint8 NCHW batch as the network's float input: (x - 255 mean) / (255 std), the arithmetic of
     albumentations' ``Normalize(max_pixel_value=255)``, on whatever device ``x`` is on."""
