@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Accelerator check: on a machine with NVIDIA GPUs, a 1-GPU fine-tune (plain, then compiled with
-# channels_last) and a DDP run over every GPU,
-# each printing images/s and peak GPU memory; exits non-zero on any failure. Not part of the test
+# channels_last) and a DDP run over every GPU, each printing images/s and peak GPU memory, then the
+# throughput benchmark at 224 px bf16 (scripts/bench/scale.py --gpu: finetune against a plain loop, and
+# against timm's train.py when TIMM_TRAIN_PY=PATH names a copy); exits non-zero on any failure. Not part of the test
 # suite (which must pass without a GPU). Usage: ./scripts/gpu_check.sh [EXTRA_OVERRIDES...]
 # Environment: PY (python with finetune importable; default .venv/bin/python, else python3),
 # DATA (an image folder to use instead of building the Fashion-MNIST demo set).
@@ -64,5 +65,15 @@ if [ "$GPUS" -ge 2 ]; then
   run ddp_all trainer=ddp trainer.devices="$GPUS"
 else
   run ddp_one trainer=ddp trainer.devices=1
+fi
+# Throughput against a plain PyTorch loop (and timm's train.py when TIMM_TRAIN_PY names a copy of it) on the 59,900
+# Fashion-MNIST files at 224 px, bf16, batch 128, with GPU utilisation and memory (scripts/bench/scale.py --gpu;
+# its data is data/bench/fmnist-6k, built from /usr/share/datasets/fashion-mnist when absent).
+if [ -d data/bench/fmnist-6k ] || [ -d /usr/share/datasets/fashion-mnist ]; then
+  echo "== scale: finetune against a plain loop${TIMM_TRAIN_PY:+ and timm train.py}, 224 px bf16"
+  "$PY" scripts/bench/scale.py --gpu --steps 200 --rounds "${SCALE_ROUNDS:-1}" --out "$WORK/scale_gpu.json"
+  cp "$WORK/scale_gpu.json" "${SCALE_OUT:-scale_gpu.json}"
+else
+  echo "== scale: skipped (no data/bench/fmnist-6k and no Debian dataset-fashion-mnist to build it from)"
 fi
 echo "gpu_check: all runs passed"

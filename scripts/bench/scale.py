@@ -45,21 +45,24 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # render.py, for --write
 BIN = Path(sys.executable).parent
-BATCH, LR, WEIGHT_DECAY, SIZE, SKIP = 32, 1e-3, 0.01, 64, 5
+GPU = os.environ.get("SCALE_GPU") == "1"  # --gpu sets it, so the contenders' child processes see it too
+# On a GPU: the backbone's own 224 px, bf16 autocast, batch 128 (batch 32 leaves an H200 idle), as timm trains
+BATCH, LR, WEIGHT_DECAY, SIZE, SKIP = (128 if GPU else 32), 1e-3, 0.01, (224 if GPU else 64), 5
 SIZES_X5 = (28, 42, 56, 70, 84)
 TIMM_SKIPPED = ("not run: timm's train.py is not in the timm wheel or sdist (it lives in the GitHub repository); "
                 "give a copy with --timm-train PATH or TIMM_TRAIN_PY=PATH")
 TIMM_LOG = re.compile(r"Train: 0 \[\s*(\d+)/\d+.*?\((\d+\.\d+)s,.*Data: [\d.]+ \(([\d.]+)\)")
 
 
-def make_sets(root: Path, per_class: int) -> tuple[Path, Path]:
-    """(the PNG set, the same images at five sizes); written once."""
+def make_sets(root: Path, per_class: int, with_many: bool = True) -> tuple[Path, Path]:
+    """(the PNG set, the same images at five sizes); written once (the second only ``with_many``)."""
     from PIL import Image
 
     base = root / ("fmnist-6k" if per_class == 5990 else f"fmnist-{per_class}pc")
@@ -68,7 +71,7 @@ def make_sets(root: Path, per_class: int) -> tuple[Path, Path]:
                         "--train-per-class", str(per_class), "--val-per-class", "10", "--test-per-class", "200"],
                        check=True, stdout=subprocess.DEVNULL)
     many = root / f"{base.name}-x5"
-    if not (many / "done").is_file():
+    if with_many and not (many / "done").is_file():
         many.mkdir(parents=True, exist_ok=True)
         for split in ("val", "test"):
             if not (many / split).exists():
@@ -93,7 +96,8 @@ def run_finetune(root: Path, steps: int, stream: bool) -> dict:
              f"trainer.max_steps={steps}", "trainer.max_epochs=1", f"data.image_size={SIZE}", "data.crop_pct=1.0",
              "augment=none", "model.channels_last=true", f"data.batch_size={BATCH}", "optimizer=adamw",
              f"optimizer.lr={LR}", f"optimizer.weight_decay={WEIGHT_DECAY}", "report=false",
-             "trainer.enable_progress_bar=false", *(["data.preload=false"] if stream else [])],
+             "trainer.enable_progress_bar=false", *(["data.preload=false"] if stream else []),
+             *(["trainer=gpu", "trainer.precision=bf16-mixed"] if GPU else [])],
             capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
         if result.returncode != 0:
@@ -103,7 +107,8 @@ def run_finetune(root: Path, steps: int, stream: bool) -> dict:
     workers = next((line.rsplit(":", 1)[1].strip() for line in result.stdout.splitlines() + result.stderr.splitlines()
                     if "loader workers:" in line), "?")
     return {"images_per_s": speed["train_images_per_s"], "wait_share": speed["loader_wait_share"],
-            "peak_rss_gb": speed["peak_rss_gb"], "workers": workers, "wall_s": round(wall, 1)}
+            "peak_rss_gb": speed["peak_rss_gb"], "workers": workers, "wall_s": round(wall, 1),
+            **({"peak_gpu_gb": metrics.get("peak_gpu_memory_gb")} if GPU else {})}
 
 
 def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
@@ -122,7 +127,8 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
     torch.manual_seed(0)
     model, _, _ = load_pretrained("tf_efficientnet_lite0", "auto")
     model.reset_classifier(10)
-    model = model.to(memory_format=torch.channels_last)
+    device = torch.device("cuda" if GPU else "cpu")
+    model = model.to(device, memory_format=torch.channels_last)
     pp = resolve_preprocessing(model, {"image_size": SIZE, "crop_pct": 1.0})
     bicubic = transforms.InterpolationMode.BICUBIC
     to_tensor = transforms.Compose([transforms.Resize((SIZE, SIZE), interpolation=bicubic), transforms.ToTensor(),
@@ -144,7 +150,8 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
 
         dataset = Decoded()
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=workers,
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0, pin_memory=GPU)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=GPU)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     model.train()
     wait = total = 0.0
@@ -152,10 +159,14 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
     last_end = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         fetched = time.perf_counter()
-        loss = F.cross_entropy(model(x.to(memory_format=torch.channels_last)), y)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = F.cross_entropy(model(x), y.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if GPU:
+            torch.cuda.synchronize()  # the step's time, not its launch's
         end = time.perf_counter()
         if step >= SKIP:
             wait += fetched - last_end
@@ -166,7 +177,8 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
             break
     del loader  # the workers end, so their peak is counted
     return {"images_per_s": round(timed / total, 1), "wait_share": round(wait / total, 3),
-            "peak_rss_gb": peak_rss_gb(), "workers": workers}
+            "peak_rss_gb": peak_rss_gb(), "workers": workers,
+            **({"peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)} if GPU else {})}
 
 
 def run_plain(root: Path, steps: int, stream: bool, workers: int) -> dict:
@@ -207,7 +219,7 @@ def run_timm_train(script: Path, root: Path, steps: int, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, cfg = Path(tmp) / "lite0_10.pth", Path(tmp) / "cpu.yaml"
         subprocess.run([sys.executable, __file__, "--timm-ckpt", str(ckpt)], check=True)
-        cfg.write_text("device: cpu\n")  # this train.py has no --device flag; its YAML defaults reach args
+        cfg.write_text(f"device: {'cuda' if GPU else 'cpu'}\n")  # no --device flag; its YAML defaults reach args
         started = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, str(script), "-c", str(cfg), "--data-dir", str(root), "--val-split", "val",
@@ -215,7 +227,8 @@ def run_timm_train(script: Path, root: Path, steps: int, workers: int) -> dict:
              "--img-size", str(SIZE), "--crop-pct", "1.0", "--no-aug", "-b", str(BATCH), "--opt", "adamw",
              "--lr", str(LR), "--weight-decay", str(WEIGHT_DECAY), "--smoothing", "0", "--channels-last",
              "--workers", str(workers), "--epochs", "1", "--warmup-epochs", "0", "--log-interval", str(SKIP),
-             "--output", tmp], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             "--output", tmp, *(["--amp", "--amp-dtype", "bfloat16", "--pin-mem"] if GPU else [])],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         means: dict[int, tuple[float, float]] = {}  # update -> (mean update time, mean wait for data)
         tail: list[str] = []
         for line in proc.stdout:
@@ -235,6 +248,60 @@ def run_timm_train(script: Path, root: Path, steps: int, workers: int) -> dict:
     seconds, waited = (means[last][i] * (last + 1) - means[SKIP][i] * (SKIP + 1) for i in (0, 1))
     return {"images_per_s": round(BATCH * (last - SKIP) / seconds, 1), "wait_share": round(waited / seconds, 3),
             "peak_rss_gb": rss, "workers": workers, "wall_s": round(wall, 1)}
+
+
+def _timm_note(timm_train: Path | None) -> str:
+    if not timm_train:
+        return TIMM_SKIPPED
+    digest = hashlib.sha256(timm_train.read_bytes()).hexdigest()[:12]
+    return f"run from a given copy ({timm_train.name}, sha256 {digest})"
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+NVIDIA_SMI = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-i", "0"]
+
+
+class GpuSampler:
+    """On a GPU run: nvidia-smi's utilisation and memory in use, every 0.2 s while a contender runs (its start-up
+    included, so the mean understates the training steps' share; the peak memory is exact enough)."""
+
+    def __init__(self):
+        self.util: list[float] = []
+        self.memory: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            out = subprocess.run(NVIDIA_SMI, capture_output=True, text=True, check=False).stdout.split(",")
+            if len(out) == 2:
+                self.util.append(float(out[0]))
+                self.memory.append(float(out[1]) / 1024)
+
+    def __enter__(self):
+        if GPU:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def summary(self) -> dict:
+        """The mean utilisation of the samples above 0% (the start-up before the first step is not the GPU's
+        share of training), the share of samples above 0%, and the most memory in use (GiB)."""
+        if not self.util:
+            return {}
+        busy = [u for u in self.util if u > 0]
+        return {"gpu_util_mean_busy": round(sum(busy) / len(busy), 1) if busy else 0.0,
+                "gpu_busy_samples": round(len(busy) / len(self.util), 3),
+                "gpu_memory_max_gb": round(max(self.memory), 2)}
 
 
 def _commit() -> str:
@@ -264,11 +331,12 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
             timm_train: Path | None = None) -> dict:
     """Every contender, `rounds` alternating rounds of the two pairs, then the 5x set once (the suite's entry)."""
     steps = steps or (40 if quick else 150)
-    base, many = make_sets(data, 600 if quick else 5990)
-    workers = min(4, max(1, (os.cpu_count() or 2) - 1))  # finetune's num_workers=auto for streamed data
+    base, many = make_sets(data, 600 if quick else 5990, with_many=not GPU)  # the memory check is the CPU run's
+    # finetune's num_workers=auto: on a CPU up to 4 for streamed files and 0 in memory; on a GPU up to 8 either way
+    workers = min(8 if GPU else 4, max(1, (os.cpu_count() or 2) - 1))
     pairs = [
         (IN_MEMORY, lambda: run_finetune(base, steps, stream=False)),
-        (PLAIN_IN_MEMORY, lambda: run_plain(base, steps, stream=False, workers=0)),
+        (PLAIN_IN_MEMORY, lambda: run_plain(base, steps, stream=False, workers=workers if GPU else 0)),
         (STREAMED, lambda: run_finetune(base, steps, stream=True)),
         (PLAIN_STREAMED, lambda: run_plain(base, steps, stream=True, workers=workers)),
     ]
@@ -278,20 +346,29 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
     runs: dict[str, list[dict]] = {name: [] for name, _ in pairs}
     for r in range(rounds):  # alternating, so a slow spell of the shared machine hits both sides
         for name, run in pairs:
-            runs[name].append(run())
+            with GpuSampler() as gpu:
+                runs[name].append(run())
+            runs[name][-1] |= gpu.summary()
             log(f"scale round {r + 1}, {name}: {runs[name][-1]['images_per_s']} images/s")
     # The fastest round of each (interference on a shared machine only ever slows a run), with every round's
     rows = {name: {**max(done, key=lambda d: d["images_per_s"]),
                    "rounds_images_per_s": [d["images_per_s"] for d in done]} for name, done in runs.items()}
+    train_files = sum(1 for _ in (base / "train").rglob("*.png"))
+    if GPU:
+        return {"set": base.name, "train_files": train_files, "steps": steps, "batch": BATCH, "image_size": SIZE,
+                "precision": "bf16", "cpus": os.cpu_count(), "rounds": rounds, "rows": rows,
+                "gpu": _gpu_name(), "timm_train": _timm_note(timm_train),
+                "ratio_in_memory": _ratio(rows, IN_MEMORY, PLAIN_IN_MEMORY),
+                "ratio_streaming": _ratio(rows, STREAMED, PLAIN_STREAMED),
+                **({"ratio_timm": _ratio(rows, STREAMED, TIMM_STREAMED),
+                    "ratio_timm_default": _ratio(rows, IN_MEMORY, TIMM_STREAMED)} if timm_train else {})}
     rows[f"{STREAMED}, {many.name}"] = run_finetune(many, steps, stream=True)
     log(f"scale {many.name}: {rows[f'{STREAMED}, {many.name}']}")
-    train_files = sum(1 for _ in (base / "train").rglob("*.png"))
     return {
         "set": base.name, "many_set": many.name, "train_files": train_files,
         "many_files": train_files * len(SIZES_X5), "steps": steps, "batch": BATCH, "image_size": SIZE,
         "cpus": os.cpu_count(), "rounds": rounds, "rows": rows,
-        "timm_train": (f"run from a given copy ({timm_train.name}, sha256 "
-                       f"{hashlib.sha256(timm_train.read_bytes()).hexdigest()[:12]})" if timm_train else TIMM_SKIPPED),
+        "timm_train": _timm_note(timm_train),
         "ratio_in_memory": _ratio(rows, IN_MEMORY, PLAIN_IN_MEMORY),
         "ratio_streaming": _ratio(rows, STREAMED, PLAIN_STREAMED),
         **({"ratio_timm": _ratio(rows, STREAMED, TIMM_STREAMED),  # like for like: both decode every file
@@ -299,6 +376,20 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
         "rss_many_over_base": round(rows[f"{STREAMED}, {many.name}"]["peak_rss_gb"]["process"]
                                     / rows[STREAMED]["peak_rss_gb"]["process"], 3),
     }
+
+
+def gpu_table(result: dict) -> list[str]:
+    """The GPU run as a markdown table (printed; BENCHMARKS.md's GPU section is written by hand from it)."""
+    out = [(f"{result['gpu']}, {result['image_size']} px, bf16, batch {result['batch']}, {result['steps']} steps, "
+           f"{result['cpus']} cores; timm's train.py: {result['timm_train']}"), "",
+           ("| contender | loader workers | training images/s | waiting for data | GPU busy (samples) | GPU util when "
+           "busy | GPU memory max GB |"), "|---|---|---|---|---|---|---|"]
+    for name, r in result["rows"].items():
+        out.append(f"| {name} | {r['workers']} | {r['images_per_s']:g} | {100 * r['wait_share']:.0f}% | "
+                   f"{100 * r.get('gpu_busy_samples', 0):.0f}% | {r.get('gpu_util_mean_busy', '?')}% | "
+                   f"{r.get('gpu_memory_max_gb', '?')} |")
+    ratios = [f"{k}: {v['fastest']:.2f}x" for k, v in result.items() if k.startswith("ratio_")]
+    return [*out, "", "finetune / other: " + ", ".join(ratios)]
 
 
 def write_benchmarks(result: dict, path: Path) -> None:
@@ -331,6 +422,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="600 images per class, 40 steps")
+    parser.add_argument("--gpu", action="store_true", help="on the first CUDA GPU: 224 px, bf16, batch 128, GPU "
+                        "utilisation and memory (scripts/gpu_check.sh runs it); no 5x memory set")
     parser.add_argument("--steps", type=int, help="training steps per contender (default 150; --quick 40)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each pair (default 3)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "bench")
@@ -340,6 +433,8 @@ def main() -> None:
                         "BENCHMARKS.md from this run (or from --from)")
     parser.add_argument("--from", dest="source", type=Path, help="a results file of an earlier run (with --write)")
     args = parser.parse_args()
+    if args.gpu and not GPU:  # the settings are read at import, in this process and in every contender's
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "SCALE_GPU": "1"})
     if args.source:
         result = json.loads(args.source.read_text())
     else:
@@ -348,7 +443,11 @@ def main() -> None:
         print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
+    if "gpu" in result:
+        print("\n".join(gpu_table(result)))
     if args.write:
+        if "gpu" in result:
+            raise SystemExit("--write takes the CPU run; put the GPU table above into BENCHMARKS.md's GPU section")
         write_benchmarks(result, REPO / "BENCHMARKS.md")
 
 
