@@ -194,7 +194,7 @@ class ImageDataModule(L.LightningDataModule):
         normalize_on_device: bool = False,
     ):
         super().__init__()
-        # uint8 batches, normalised by the module after the transfer (FinetuneModule.on_after_batch_transfer)
+        # uint8 batches, normalised by the module after the transfer (ImageClassifier.on_after_batch_transfer)
         self.normalize_on_device = normalize_on_device
         self.on_gpu = on_gpu  # the training steps run on a GPU: the CPU is free for loader workers meanwhile
         self.processes_per_machine = max(1, processes_per_machine)  # DDP ranks sharing this machine's cores

@@ -7,6 +7,7 @@ created model; ``data.image_size`` / ``data.mean`` / ``data.std`` / ``data.inter
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
@@ -107,12 +108,17 @@ def not_uint8_error(dtype: torch.dtype) -> FinetuneError:
         f"or set data.normalize_on_device=false to normalise in the loader.")
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """255 x mean and std as (1, C, 1, 1) tensors on ``device``, made once (not a host-to-device copy per batch)."""
+    return tuple(torch.tensor([255 * v for v in values], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+                 for values in (mean, std))
+
+
 def normalize_batch(x: torch.Tensor, pp: Preprocessing) -> torch.Tensor:
     """A uint8 NCHW batch as the network's float input: (x - 255 mean) / (255 std), the arithmetic of
     albumentations' ``Normalize(max_pixel_value=255)``, on whatever device ``x`` is on."""
-    shape = (1, -1, 1, 1)
-    mean = torch.tensor([255 * m for m in pp.mean], dtype=torch.float32, device=x.device).view(shape)
-    std = torch.tensor([255 * s for s in pp.std], dtype=torch.float32, device=x.device).view(shape)
+    mean, std = _pixel_stats(tuple(pp.mean), tuple(pp.std), x.device)
     return (x.float() - mean) / std
 
 
