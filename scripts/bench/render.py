@@ -378,6 +378,11 @@ def scale_goals(sc: dict) -> list[str]:
              f"{_verdict(sc['rss_many_over_base'] < 1.5)} |")]
 
 
+def share(value: float | None) -> str:
+    """A fraction as a percentage; n/a where it does not apply (the loader measured alone waits by definition)."""
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def scale_section(sc: dict) -> list[str]:
     rows = sc["rows"]
     out = [SCALE_FROM.lstrip("\n"), "",
@@ -390,17 +395,19 @@ def scale_section(sc: dict) -> list[str]:
             f"time; images/s counts the time waiting for batches plus the steps, validation excluded. In memory: "
             f"finetune's default (`data.preload=auto`, 0 loader workers) against a loop over the same decoded "
             f"arrays; streaming: `data.preload=false` (decoded per item in `num_workers=auto` workers) against "
-            f"torchvision `ImageFolder` with the same number of workers, and timm's own `train.py` (its "
+            f"torchvision `ImageFolder` with the same number of workers, finetune's training loader alone (no "
+            f"model; what the input pipeline can deliver, batches moved and normalised as in a run), and timm's own "
+            f"`train.py` (its "
             f"prefetching loader: uint8 batches normalised after the transfer; `--no-aug --smoothing 0`, the same "
             f"weights through `--initial-checkpoint`, stopped after the timed updates), when a copy is given. "
             f"{sc['rounds']} alternating rounds; the "
             f"fastest round of each is compared (interference only slows a run). `scripts/bench/scale.py`."), "",
-           ("| contender | loader workers | training images/s (rounds) | waiting for data | peak RSS, process / "
-           "largest worker GB | wall s |"), "|---|---|---|---|---|---|"]
+           ("| contender | loader workers | images/s trained, or delivered by the loader alone (rounds) | waiting for "
+            "data | peak RSS, process / largest worker GB | wall s |"), "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         rounds = ", ".join(f"{v:g}" for v in r.get("rounds_images_per_s", [r["images_per_s"]]))
         out.append(f"| {name} | {r['workers']} | **{r['images_per_s']:g}** ({rounds}) | "
-                   f"{100 * r['wait_share']:.0f}% | {r['peak_rss_gb']['process']:.2f} / "
+                   f"{share(r['wait_share'])} | {r['peak_rss_gb']['process']:.2f} / "
                    f"{r['peak_rss_gb']['largest_child']:.2f} | {r['wall_s']:g} |")
     out += ["", f"timm's `train.py`: {sc['timm_train']}.", ""]
     return out

@@ -18,7 +18,10 @@ Images/s = timed images / (time waiting for the next batch + time in the step), 
 - in memory: finetune's default (`data.preload=auto` decodes the files once; `num_workers=auto` = 0) against a
   loop over the same decoded arrays (0 workers);
 - streaming: finetune with `data.preload=false` (each file decoded per item in loader workers, `auto`) against
-  the loop a practitioner writes (torchvision `ImageFolder` + transforms, the same number of workers).
+  the loop a practitioner writes (torchvision `ImageFolder` + transforms, the same number of workers);
+- finetune's training loader alone, in memory and streaming (no model: batches moved to the device and
+  normalised there, as a run does), once each: the images/s the input pipeline can deliver, beside what the
+  training reaches.
 
 Every contender runs in its own process (one at a time: two CPU-heavy jobs slow each other 5-10x), which
 reports its peak resident memory.
@@ -181,13 +184,52 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
             **({"peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)} if GPU else {})}
 
 
-def run_plain(root: Path, steps: int, stream: bool, workers: int) -> dict:
+def loader_alone(root: str, steps: int, stream: bool, workers: int) -> dict:
+    """finetune's own training loader with no model (a child process: `--loader`): the images/s the input pipeline
+    can deliver to the device (normalised there, as a run does), to set beside the training images/s."""
+    import torch
+
+    from finetune.data.datamodule import ImageDataModule
+    from finetune.data.datasets import scan_dataset
+    from finetune.data.transforms import Preprocessing, normalize_batch
+    from finetune.throughput import peak_rss_gb
+
+    pp = Preprocessing(SIZE, (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)  # tf_efficientnet_lite0's, at SIZE, whole frame
+    data = ImageDataModule(scan_dataset(root, 0.0, 0.0, 0), pp, augment=None, batch_size=BATCH, num_workers=workers,
+                           preload=False if stream else "auto", seed=0, on_gpu=GPU, normalize_on_device=True)
+    data.setup("fit")
+    device = torch.device("cuda" if GPU else "cpu")
+    timed, started = 0, time.perf_counter()
+    for step, (x, _) in enumerate(data.train_dataloader()):
+        x = normalize_batch(x.to(device, non_blocking=True), pp)
+        if step == SKIP:
+            if GPU:
+                torch.cuda.synchronize()
+            timed, started = 0, time.perf_counter()
+        timed += len(x)
+        if step + 1 >= steps:
+            break
+    if GPU:
+        torch.cuda.synchronize()
+    return {"images_per_s": round(timed / (time.perf_counter() - started), 1), "wait_share": None,
+            "peak_rss_gb": peak_rss_gb(), "workers": data.num_workers}
+
+
+def _child(mode: str, what: str, root: Path, steps: int, stream: bool, workers: int) -> dict:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, __file__, "--plain", str(root), str(steps), str(int(stream)),
+    result = subprocess.run([sys.executable, __file__, mode, str(root), str(steps), str(int(stream)),
                              str(workers)], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise SystemExit(f"plain loop failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"{what} failed:\n{result.stderr[-3000:]}")
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def run_plain(root: Path, steps: int, stream: bool, workers: int) -> dict:
+    return _child("--plain", "plain loop", root, steps, stream, workers)
+
+
+def run_loader(root: Path, steps: int, stream: bool, workers: int) -> dict:
+    return _child("--loader", "the loader alone", root, steps, stream, workers)
 
 
 def timm_checkpoint(out: Path) -> None:
@@ -325,6 +367,8 @@ STREAMED = "finetune, streaming"
 PLAIN_STREAMED = "plain loop, streaming (ImageFolder)"
 IN_MEMORY, PLAIN_IN_MEMORY = "finetune, in memory", "plain loop, in memory"
 TIMM_STREAMED = "timm train.py, streaming (its prefetching loader)"
+LOADER_IN_MEMORY = "finetune's loader alone (no model), in memory"
+LOADER_STREAMED = "finetune's loader alone (no model), streaming"
 
 
 def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: int = 3, log=print,
@@ -353,6 +397,10 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
     # The fastest round of each (interference on a shared machine only ever slows a run), with every round's
     rows = {name: {**max(done, key=lambda d: d["images_per_s"]),
                    "rounds_images_per_s": [d["images_per_s"] for d in done]} for name, done in runs.items()}
+    # What the input pipeline alone delivers (no model), once each: above the training images/s, it is not the limit
+    for name, stream in ((LOADER_IN_MEMORY, False), (LOADER_STREAMED, True)):
+        rows[name] = run_loader(base, max(steps, 3 * SKIP), stream, workers if (stream or GPU) else 0)
+        log(f"scale {name}: {rows[name]['images_per_s']} images/s")
     train_files = sum(1 for _ in (base / "train").rglob("*.png"))
     if GPU:
         return {"set": base.name, "train_files": train_files, "steps": steps, "batch": BATCH, "image_size": SIZE,
@@ -380,12 +428,14 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
 
 def gpu_table(result: dict) -> list[str]:
     """The GPU run as a markdown table (printed; BENCHMARKS.md's GPU section is written by hand from it)."""
+    import render
+
     out = [(f"{result['gpu']}, {result['image_size']} px, bf16, batch {result['batch']}, {result['steps']} steps, "
            f"{result['cpus']} cores; timm's train.py: {result['timm_train']}"), "",
            ("| contender | loader workers | training images/s | waiting for data | GPU busy (samples) | GPU util when "
            "busy | GPU memory max GB |"), "|---|---|---|---|---|---|---|"]
     for name, r in result["rows"].items():
-        out.append(f"| {name} | {r['workers']} | {r['images_per_s']:g} | {100 * r['wait_share']:.0f}% | "
+        out.append(f"| {name} | {r['workers']} | {r['images_per_s']:g} | {render.share(r['wait_share'])} | "
                    f"{100 * r.get('gpu_busy_samples', 0):.0f}% | {r.get('gpu_util_mean_busy', '?')}% | "
                    f"{r.get('gpu_memory_max_gb', '?')} |")
     ratios = [f"{k}: {v['fastest']:.2f}x" for k, v in result.items() if k.startswith("ratio_")]
@@ -413,9 +463,10 @@ def write_benchmarks(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--plain":
-        _, _, root, steps, stream, workers = sys.argv
-        print(json.dumps(plain_loop(root, int(steps), bool(int(stream)), int(workers))))
+    if len(sys.argv) > 1 and sys.argv[1] in ("--plain", "--loader"):
+        _, mode, root, steps, stream, workers = sys.argv
+        child = plain_loop if mode == "--plain" else loader_alone
+        print(json.dumps(child(root, int(steps), bool(int(stream)), int(workers))))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--timm-ckpt":
         timm_checkpoint(Path(sys.argv[2]))
