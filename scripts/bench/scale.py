@@ -1,6 +1,7 @@
 """Training throughput on a large image set: finetune against a plain PyTorch loop on the same files.
 
-    .venv/bin/python scripts/bench/scale.py [--quick] [--steps 150] [--out scale.json]
+    .venv/bin/python scripts/bench/scale.py [--quick] [--steps 150] [--out scale.json] [--timm-train PATH]
+        [--gpu] [--write [--from scale.json]]
 
 Data: the real Fashion-MNIST training file written as PNG files (28 px grayscale; 5,990 per class = 59,900
 files, plus 10 validation and 200 test images per class: `fmnist-6k`), and for the streaming memory check
@@ -34,6 +35,12 @@ workers, on the CPU (`device: cpu` through its `-c` YAML). Its own prefetching l
 normalised after the transfer) is kept. It logs every 5 updates the mean update time (waiting for the batch
 included, as above); the images/s of updates 6 to `--steps` come from two of those means, and the process is
 stopped there (before its end-of-epoch validation).
+
+`--gpu` (run by `scripts/gpu_check.sh`): the same contenders on the first CUDA GPU at 224 px with bf16 autocast and
+batch 128 (finetune: `trainer=gpu trainer.precision=bf16-mixed`; timm: `--amp --amp-dtype bfloat16 --pin-mem`),
+every loader with finetune's GPU worker count, nvidia-smi sampled every 0.2 s for the GPU's busy share,
+utilisation and memory; no 5x set. `--write` rewrites the CPU run's goal rows and section of BENCHMARKS.md (from
+this run, or from `--from` a results file).
 """
 
 from __future__ import annotations
@@ -355,12 +362,17 @@ def _commit() -> str:
 
 
 def _ratio(rows: dict, ours: str, theirs: str) -> dict:
-    """finetune / plain loop images/s: of the fastest rounds, and of the medians."""
+    """finetune / the other's images/s: of the fastest rounds, of the medians, and paired by round (the rounds
+    alternate, so a round's two runs shared the machine's state): the mean of the per-round ratios and its
+    standard error (None with one round)."""
     import statistics
 
     mine, other = rows[ours]["rounds_images_per_s"], rows[theirs]["rounds_images_per_s"]
+    paired = [a / b for a, b in zip(mine, other)]
+    se = statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else None
     return {"fastest": round(max(mine) / max(other), 3),
-            "median": round(statistics.median(mine) / statistics.median(other), 3)}
+            "median": round(statistics.median(mine) / statistics.median(other), 3),
+            "paired": round(statistics.mean(paired), 3), "paired_se": None if se is None else round(se, 3)}
 
 
 STREAMED = "finetune, streaming"
