@@ -61,7 +61,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # render.py, for --write
-BIN = Path(sys.executable).parent
 GPU = os.environ.get("SCALE_GPU") == "1"  # --gpu sets it, so the contenders' child processes see it too
 # On a GPU: the backbone's own 224 px, bf16 autocast, batch 128 (batch 32 leaves an H200 idle), as timm trains
 BATCH, LR, WEIGHT_DECAY, SIZE, SKIP = (128 if GPU else 32), 1e-3, 0.01, (224 if GPU else 64), 5
@@ -102,7 +101,7 @@ def run_finetune(root: Path, steps: int, stream: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = subprocess.run(
-            [str(BIN / "finetune"), f"data.root={root}", f"run_dir={tmp}/run", "recipe=off", "policy=full",
+            [sys.executable, "-m", "finetune", f"data.root={root}", f"run_dir={tmp}/run", "recipe=off", "policy=full",
              f"trainer.max_steps={steps}", "trainer.max_epochs=1", f"data.image_size={SIZE}", "data.crop_pct=1.0",
              "augment=none", "model.channels_last=true", f"data.batch_size={BATCH}", "optimizer=adamw",
              f"optimizer.lr={LR}", f"optimizer.weight_decay={WEIGHT_DECAY}", "report=false",
