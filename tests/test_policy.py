@@ -297,3 +297,19 @@ def test_measuring_leaves_the_network_in_training_mode(lite0, class_folders):
     index = scan_dataset(class_folders, 0.2, 0.0, 0)
     extract_features(net, index.splits["train"][:6], Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0))
     assert all(m.training for m in net.modules())
+
+
+def test_the_probes_run_on_one_blas_thread_with_the_same_accuracy():
+    """The probes' small matrices ran 10-17x slower on OpenBLAS's threads (BENCHMARKS.md): measure() limits BLAS to
+    one thread around them, which changes no accuracy (real digits pixels as features)."""
+    from sklearn.datasets import load_digits
+    from threadpoolctl import threadpool_info
+
+    from finetune.policy.measure import one_blas_thread, probe_accuracy
+
+    digits = load_digits()
+    x, y = digits.data[:400], digits.target[:400]
+    threaded = probe_accuracy(x, y, 5, 0)
+    with one_blas_thread():
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
+        assert probe_accuracy(x, y, 5, 0) == pytest.approx(threaded, abs=1e-3)

@@ -120,6 +120,15 @@ def _extract(model: nn.Module, samples: list[Sample], pp: Preprocessing, batch_s
     )
 
 
+def one_blas_thread():
+    """The probes' BLAS on one thread. Their matrices are small (at most 2,000 images x 1,280 features, 10-odd
+    classes), and on 2 cores OpenBLAS's threads made them 10-17x slower than one thread (6.9 s against 0.5 s
+    for the six probes of Fashion-MNIST 50/class; the same accuracies: BENCHMARKS.md)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> float:
     """Mean k-fold accuracy of a standardised multinomial logistic regression."""
     from sklearn.linear_model import LogisticRegression
@@ -207,8 +216,9 @@ def measure(
         notes.append("a class has a single training image: probe accuracies are unreliable")
     images = decode_all([p for p, _ in picked], decode_side(pp), float("inf"))  # once, for both passes
     stage_feats, pre, logits = extract_features(model, picked, pp, images=images)
-    stage_acc = [round(probe(f, labels, k, seed), 4) for f in stage_feats] if min_count >= 2 else []
-    pre_acc = round(probe(pre, labels, k, seed), 4) if min_count >= 2 else 0.0
+    with one_blas_thread():
+        stage_acc = [round(probe(f, labels, k, seed), 4) for f in stage_feats] if min_count >= 2 else []
+        pre_acc = round(probe(pre, labels, k, seed), 4) if min_count >= 2 else 0.0
     all_acc = stage_acc + [pre_acc]
     best = int(np.argmax(all_acc)) if stage_acc else len(all_acc) - 1
     best_stage = None if best == len(stage_acc) or all_acc[best] <= pre_acc else best
@@ -217,7 +227,8 @@ def measure(
         flipped_stages, flipped_pre, _ = extract_features(model, picked, pp, flip=True, images=images)
         kept, flipped = ((stage_feats[best_stage], flipped_stages[best_stage]) if best_stage is not None
                          else (pre, flipped_pre))
-        flip_acc = round(flip_probe_accuracy(kept, flipped, labels, k, seed), 4)
+        with one_blas_thread():
+            flip_acc = round(flip_probe_accuracy(kept, flipped, labels, k, seed), 4)
     return Measurements(
         images_train=len(train),
         num_classes=len(index.classes),
