@@ -1,4 +1,4 @@
-"""data.normalize_on_device: batches leave the loader as uint8 pixels and the module normalises them after the
+"""data.normalize_on_device: batches leave the loader as uint8 pixels and the datamodule normalises them after the
 transfer, giving the network the same input as the loader-side albumentations Normalize (real digits)."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def test_an_augmentation_that_returns_floats_is_named_not_trained_on():
 
 
 class _SeenBatches(L.Callback):
-    """What the loader yields and what the training step receives (after on_after_batch_transfer)."""
+    """What the loader yields and what the training step receives (after the datamodule's on_after_batch_transfer)."""
 
     def __init__(self):
         self.loader_dtype = self.step_dtype = None

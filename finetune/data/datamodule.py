@@ -22,7 +22,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from finetune.data.datasets import DatasetIndex, Sample
 from finetune.data.images import BadImageError, load_image
 from finetune.data.imbalance import balanced_sampler
-from finetune.data.transforms import Preprocessing, eval_transform, not_uint8_error, train_transform
+from finetune.data.transforms import (
+    Preprocessing,
+    eval_transform,
+    normalize_batch,
+    not_uint8_error,
+    train_transform,
+)
 from finetune.errors import FinetuneError
 from finetune.multilabel import multi_hot
 
@@ -194,7 +200,7 @@ class ImageDataModule(L.LightningDataModule):
         normalize_on_device: bool = False,
     ):
         super().__init__()
-        # uint8 batches, normalised by the module after the transfer (ImageClassifier.on_after_batch_transfer)
+        # uint8 batches, normalised after the transfer to the device (on_after_batch_transfer below)
         self.normalize_on_device = normalize_on_device
         self.on_gpu = on_gpu  # the training steps run on a GPU: the CPU is free for loader workers meanwhile
         self.processes_per_machine = max(1, processes_per_machine)  # DDP ranks sharing this machine's cores
@@ -278,6 +284,15 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             worker_init_fn=_seed_worker if train and self.num_workers > 0 else None,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With data.normalize_on_device the loaders yield uint8 pixels: Lightning hands each batch here once it
+        is on the training device, and it becomes the network's float input (timm's prefetching loader does the
+        same). This datamodule's hook, not the module's: it knows the format its loaders yield."""
+        images = batch[0]
+        if self.normalize_on_device and isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+            return type(batch)([normalize_batch(images, self.preprocessing), *batch[1:]])
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from finetune.data.transforms import Preprocessing, normalize_batch
+from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models.backbone import BackboneSpec
 from finetune.models.heads import head_l2_penalty, head_lbfgs
@@ -126,14 +126,6 @@ class ImageClassifier(L.LightningModule):
     @optimizer_factory.setter
     def optimizer_factory(self, factory: OptimizerFactory | None) -> None:
         self.recipe.optimizer = factory
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 image batches (data.normalize_on_device) become the network's float input here, on the
-        device: timm's prefetching loader does the same. Float batches (cached features, or images
-        normalised in the loader) pass unchanged."""
-        if isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor) and batch[0].dtype == torch.uint8:
-            return type(batch)([normalize_batch(batch[0], self.preprocessing), *batch[1:]])
-        return batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe.channels_last and x.ndim == 4:
