@@ -197,7 +197,7 @@ def loader_alone(root: str, steps: int, stream: bool, workers: int) -> dict:
 
     from finetune.data.datamodule import ImageDataModule
     from finetune.data.datasets import scan_dataset
-    from finetune.data.transforms import Preprocessing, normalize_batch
+    from finetune.data.transforms import Preprocessing
     from finetune.throughput import peak_rss_gb
 
     pp = Preprocessing(SIZE, (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)  # tf_efficientnet_lite0's, at SIZE, whole frame
@@ -206,8 +206,8 @@ def loader_alone(root: str, steps: int, stream: bool, workers: int) -> dict:
     data.setup("fit")
     device = torch.device("cuda" if GPU else "cpu")
     timed, started = 0, time.perf_counter()
-    for step, (x, _) in enumerate(data.train_dataloader()):
-        x = normalize_batch(x.to(device, non_blocking=True), pp)
+    for step, (x, y) in enumerate(data.train_dataloader()):
+        x, _ = data.on_after_batch_transfer([x.to(device, non_blocking=True), y], 0)  # the hook a run goes through
         if step == SKIP:
             if GPU:
                 torch.cuda.synchronize()
