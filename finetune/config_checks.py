@@ -77,7 +77,10 @@ VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     *((f"trainer.limit_{s}_batches", _optional(lambda v: _whole(v, 0) or _number(v, 0, 1)),
        "must be a fraction in [0, 1] of the batches, a whole number of batches, or null") for s in
       ("train", "val", "test", "predict")),
-    ("data.batch_size", lambda v: _whole(v, 1), "must be a positive integer"),
+    ("data.batch_size", lambda v: v == "auto" or _whole(v, 1),
+     "must be a positive integer, or auto (the largest batch a GPU's memory holds; 32 on a CPU)"),
+    ("lr_reference_batch", _optional(lambda v: _whole(v, 1)),
+     "must be a positive integer (the batch optimizer.lr was set for) or null (= data.batch_size)"),
     ("data.eval_batch_size", _optional(lambda v: _whole(v, 1)),
      "must be a positive integer or null (= data.batch_size)"),
     ("data.num_workers", _optional(lambda v: _whole(v, 0), "auto"),

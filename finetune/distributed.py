@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from finetune.errors import FinetuneError
@@ -94,3 +95,23 @@ def lost_process_message(error: BaseException, run_dir: Path, world_size: int, t
     return (f"Another process of this {world_size}-process run stopped or stopped answering during training, so this "
             f"one stopped too ({first}). {saved}. A process that hangs instead of dying is given up on after "
             f"ddp_timeout_s={timeout_s} s.")
+
+
+class SameBatchSizeOnEveryRank(L.Callback):
+    """Under DDP, every rank must train on the same batch size (else their step counts differ and the run hangs at
+    the end of an epoch). data.batch_size=auto probes each process's GPU under torchrun or SLURM, so at the start of
+    fit the ranks compare theirs; all of them see the gathered sizes and stop together with one clear error."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = int(batch_size)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size < 2:
+            return
+        import torch
+
+        sizes = pl_module.all_gather(torch.tensor(self.batch_size, device=pl_module.device)).flatten().tolist()
+        if len(set(sizes)) > 1:
+            raise FinetuneError(
+                f"The ranks of this DDP run chose different batch sizes ({sizes}, by rank): data.batch_size=auto "
+                f"probed GPUs that differ. Set data.batch_size={min(sizes)} (the smallest) to train on all of them.")

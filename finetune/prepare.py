@@ -15,6 +15,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.batch_size import REFERENCE_BATCH, auto_batch_size
 from finetune.config import build_optimizer_and_scheduler
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.datasets import label_list, scan_configured, scan_dataset
@@ -30,9 +31,9 @@ from finetune.models.heads import lbfgs_head_note, warm_start_head
 from finetune.models.module import FeatureHeadClassifier, ImageClassifier, Recipe
 from finetune.policy.choose import choose_policy, format_policy_block
 from finetune.policy.stages import build_stage_map
-from finetune.recipe.auto import RecipeDecision, after_measurement, before_measurement, format_recipe_block
+from finetune.recipe.auto import RecipeDecision, after_measurement, before_measurement, device_kind, format_recipe_block
 from finetune.recipe.regularization import Regularization
-from finetune.resume import ResumePoint, choice_from_record
+from finetune.resume import ResumePoint, choice_from_record, with_values
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,39 @@ class Prepared:
 def recipe_before_measurement(cfg: DictConfig) -> tuple[DictConfig, RecipeDecision]:
     """recipe=auto's first step on the scanned data (no split carved, to see every training image and
     whether a val split exists on disk): ``cfg`` with its choices, and the decision."""
-    if str(cfg.recipe.name) != "auto":  # recipe=off: nothing to read
-        return cfg, RecipeDecision(str(cfg.recipe.name))
+    if str(cfg.recipe.name) != "auto":  # recipe=off: nothing to read, but data.batch_size=auto's probe
+        return with_auto_batch_size(cfg), RecipeDecision(str(cfg.recipe.name))
     index = scan_dataset(cfg.data.root, 0.0, cfg.data.test_fraction, cfg.data.split_seed, task=str(cfg.task))
-    return before_measurement(cfg, index, pretrained_input_size(cfg.model.backbone))
+    return before_measurement(cfg, index, pretrained_input_size(cfg.model.backbone),
+                              batch_rule=auto_batch_rule(cfg, len(index.classes)))
+
+
+def auto_batch_rule(cfg: DictConfig, num_classes: int):
+    """data.batch_size=auto's rule as ``(image size, channels_last, training images) -> (batch, why)``, for the
+    recipe to call once it has chosen the size and layout."""
+    def rule(image_size: int, channels_last: bool, n_train: int | None) -> tuple[int, str]:
+        return auto_batch_size(str(cfg.model.backbone), num_classes, image_size, str(cfg.trainer.precision),
+                               channels_last, device_kind(cfg), n_train, distributed_run_id())
+    return rule
+
+
+def with_auto_batch_size(cfg: DictConfig) -> DictConfig:
+    """recipe=off: ``cfg`` with data.batch_size=auto resolved (and lr_reference_batch, unless given), said in the
+    log; unchanged for a number."""
+    if cfg.data.batch_size != "auto":
+        return cfg
+    index = scan_dataset(cfg.data.root, float(cfg.data.val_fraction), cfg.data.test_fraction, cfg.data.split_seed,
+                         task=str(cfg.task))
+    size = int(cfg.data.image_size or pretrained_input_size(cfg.model.backbone))
+    batch, why = auto_batch_rule(cfg, len(index.classes))(size, bool(cfg.model.channels_last),
+                                                            len(index.splits["train"]))
+    log.info("data.batch_size=auto -> %d: %s", batch, why)
+    values: dict[str, Any] = {"data.batch_size": batch}
+    if cfg.lr_reference_batch is None:
+        values["lr_reference_batch"] = REFERENCE_BATCH
+        log.info("lr_reference_batch=%d: optimizer.lr is the LR for %d images, scaled to the batch by lr_scaling=%s",
+                 REFERENCE_BATCH, REFERENCE_BATCH, cfg.lr_scaling)
+    return with_values(cfg, values)
 
 
 def prepare_run(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, regularization: Regularization,
@@ -172,7 +202,9 @@ def build_module(cfg: DictConfig, policy_cfg: dict[str, Any], net, spec, index, 
         net = net.to(memory_format=torch.channels_last)
     if cfg.model.compile:
         net.compile()  # in place: parameter names (and so checkpoints) stay the same
+    reference = cfg.lr_reference_batch  # the batch optimizer.lr was set for, when not data.batch_size
     recipe = Recipe(optimizer, scheduler, scheduler_options, lr_scaling=str(cfg.lr_scaling),
+                    batch_over_reference=int(cfg.data.batch_size) / int(reference) if reference else 1.0,
                     batch_mixer=None if use_cache else mixer, channels_last=bool(cfg.model.channels_last),
                     frozen_bn_eval=bool(policy_cfg["frozen_bn_eval"]),
                     eval_stage="train_eval" if no_validation else "val",

@@ -53,6 +53,9 @@ class Recipe:
     scheduler: SchedulerFactory | None = None
     scheduler_options: Mapping[str, Any] = field(default_factory=dict)
     lr_scaling: str = "none"  # none | linear | sqrt: LR vs the global batch (see lr_scale_factor)
+    # data.batch_size / lr_reference_batch: how much larger one device's batch is than the one the LR was set for
+    # (1 unless lr_reference_batch is set, as data.batch_size=auto does)
+    batch_over_reference: float = 1.0
     batch_mixer: BatchMixer | None = None  # MixUp / CutMix on training batches (soft targets)
     channels_last: bool = False  # feed NHWC batches to an NHWC network
     frozen_bn_eval: bool = True  # policy.frozen_bn_eval: frozen parts run in eval mode
@@ -235,8 +238,10 @@ class ImageClassifier(L.LightningModule):
         if factor != 1 and not isinstance(optimizer, torch.optim.LBFGS):  # L-BFGS: its line search sets the step
             for group in optimizer.param_groups:
                 group["lr"] *= factor
+            times = self.trainer.world_size * self.trainer.accumulate_grad_batches * self.recipe.batch_over_reference
             rank_zero_info(f"Learning rates x{factor:g} (lr_scaling={self.recipe.lr_scaling}): the global batch is "
-                           f"{self.trainer.world_size * self.trainer.accumulate_grad_batches} x data.batch_size")
+                           f"{times:g} x " + ("data.batch_size" if self.recipe.batch_over_reference == 1
+                                               else "lr_reference_batch"))
         options = dict(self.recipe.scheduler_options)
         monitor = str(options.get("monitor") or "")
         if self.eval_stage != "val" and monitor.startswith("val/"):  # no validation split: follow what is logged
@@ -265,12 +270,15 @@ class ImageClassifier(L.LightningModule):
         return [optimizer], schedulers
 
     def lr_scale_factor(self) -> float:
-        """How much the configured LR grows with the global batch, relative to one device's
-        ``data.batch_size`` (processes x accumulated batches = k): linear k (Goyal et al. 2017),
-        sqrt(k) (the usual rule for adaptive optimizers), or none. 1 on a single device."""
+        """How much the configured LR grows with the global batch, relative to the batch it was set for (one
+        device's ``data.batch_size``, or ``lr_reference_batch``; the global batch is k times that): linear k
+        (Goyal et al. 2017), sqrt(k) (the usual rule for adaptive optimizers), or none. 1 on a single device at
+        the reference batch."""
+        ratio = self.recipe.batch_over_reference
         if self._trainer is None:  # built outside a fit (tests, inspection): one device
-            return 1.0
-        k = self.trainer.world_size * self.trainer.accumulate_grad_batches
+            k = ratio
+        else:
+            k = self.trainer.world_size * self.trainer.accumulate_grad_batches * ratio
         return {"linear": float(k), "sqrt": float(k) ** 0.5}.get(self.recipe.lr_scaling, 1.0)
 
     def _lbfgs_parameters(self) -> list[torch.nn.Parameter]:

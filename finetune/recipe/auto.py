@@ -25,10 +25,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.batch_size import REFERENCE_BATCH
 from finetune.conf import preset
 
 RECIPE_FILE = "recipe.json"
 # Schedules that end at a small LR when the run's length is known (their _target_s).
+# data.batch_size=auto: (image size, channels_last, training images) -> (batch, why); see finetune.batch_size
+BatchRule = Callable[[int, bool, "int | None"], tuple[int, str]]
 ANNEALING_TARGETS = ("torch.optim.lr_scheduler.OneCycleLR", "torch.optim.lr_scheduler.CosineAnnealingLR")
 
 
@@ -189,15 +192,15 @@ def epochs_rule(n_train: int, device: str, rules: Mapping[str, Any], size: int) 
     return epochs, why
 
 
-def global_batch(cfg: DictConfig) -> int:
-    """Images per optimizer step: data.batch_size x accumulated batches x processes (devices x nodes when
-    given as a number; "auto" counts as one)."""
+def global_batch(cfg: DictConfig, per_device: int | None = None) -> int:
+    """Images per optimizer step: data.batch_size (or ``per_device``) x accumulated batches x processes (devices x
+    nodes when given as a number; "auto" counts as one)."""
     devices = cfg.trainer.get("devices")
     if OmegaConf.is_list(devices):
         devices = len(devices)
     per_node = devices if isinstance(devices, int) and devices > 0 else 1
     processes = per_node * int(cfg.trainer.get("num_nodes") or 1)
-    return int(cfg.data.batch_size) * int(cfg.trainer.get("accumulate_grad_batches") or 1) * processes
+    return int(per_device or cfg.data.batch_size) * int(cfg.trainer.get("accumulate_grad_batches") or 1) * processes
 
 
 def step_budget_rule(n_train: int, device: str, rules: Mapping[str, Any], size: int,
@@ -238,8 +241,10 @@ def holdout_rule(index, rules: Mapping[str, Any]) -> tuple[float | None, str]:
                  f"cross-validated probes and the last epoch of the annealed schedule is scored")
 
 
-def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[DictConfig, RecipeDecision]:
-    """The rules that shape the run before anything is measured; ``cfg`` with their values set."""
+def before_measurement(cfg: DictConfig, index, backbone_size: int, batch_rule: BatchRule | None = None,
+                       ) -> tuple[DictConfig, RecipeDecision]:
+    """The rules that shape the run before anything is measured; ``cfg`` with their values set.
+    ``batch_rule`` resolves data.batch_size=auto (``finetune.batch_size``) once the size and layout are known."""
     rules = OmegaConf.to_container(cfg.recipe, resolve=True)
     decision = RecipeDecision(str(rules["name"]))
     if decision.mode != "auto":
@@ -275,9 +280,19 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
     if side is not None and side < size:
         choose("data.crop_pct", 1.0, f"images are upsampled ({side} -> {size} px): the whole frame is kept, no "
                                      f"centre crop (the pretrained 87.5% crop cut content on every small set)")
+    choose("model.channels_last", True, "NHWC memory layout: the same results 1.3x faster on a CPU (BENCHMARKS.md), "
+                                        "and the layout convolutions run fastest in on GPUs")
+    batch = None
+    if cfg.data.batch_size == "auto" and batch_rule is not None:  # asked for: a choice, though the key was given
+        batch, why = batch_rule(size, bool(values.get("model.channels_last", cfg.model.channels_last)), n_train)
+        values["data.batch_size"] = batch
+        decision.set("data.batch_size", batch, f"data.batch_size=auto: {why}")
+        choose("lr_reference_batch", REFERENCE_BATCH, f"optimizer.lr is the LR for {REFERENCE_BATCH} images (the "
+                                                      f"batch the defaults were tuned at), scaled to the batch by "
+                                                      f"lr_scaling={cfg.lr_scaling}")
     steps = None
     length_given = given("trainer.max_epochs") or given("trainer.max_steps")
-    by_steps = None if length_given else step_budget_rule(n_train, device, rules, size, global_batch(cfg))
+    by_steps = None if length_given else step_budget_rule(n_train, device, rules, size, global_batch(cfg, batch))
     if by_steps:
         epochs, steps, why = by_steps
         choose("trainer.max_steps", steps, why)
@@ -301,8 +316,6 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int) -> tuple[Dict
                                                  "at a high LR, before the weights the schedule converges to")
     choose("augment", str(rules["augment"]), "short fine-tunes of small data converged better without "
                                              "augmentation (random crops and flips slow convergence)")
-    choose("model.channels_last", True, "NHWC memory layout: the same results 1.3x faster on a CPU (BENCHMARKS.md), "
-                                        "and the layout convolutions run fastest in on GPUs")
     if steps is not None and cfg.callbacks.get("last_checkpoint") is not None:
         every = steps // int(rules["step_budget_saves"])
         choose("callbacks.last_checkpoint.every_n_train_steps", every,
