@@ -25,7 +25,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import instantiate_named, validate_train_config
-from finetune.distributed import is_lost_process, lost_process_message, strategy_with_timeout
+from finetune.distributed import SameBatchSizeOnEveryRank, is_lost_process, lost_process_message, strategy_with_timeout
 from finetune.ensemble import train_ensemble
 from finetune.errors import FinetuneError, ProcessLost, TrainingInterrupted
 from finetune.history import HistoryCSVLogger
@@ -165,7 +165,7 @@ def _build_trainer(cfg: DictConfig, run_dir: Path) -> _Watch:
     interrupted, throughput = InterruptSeen(), TrainThroughput()
     callbacks = [*instantiate_named("callbacks", cfg.get("callbacks")), reductions, lr_trace,
                  NonFiniteLossStop(run_dir / "checkpoints"), RNGStateCheckpoint(), interrupted, throughput,
-                 ValidateAtLastStep()]
+                 ValidateAtLastStep(), SameBatchSizeOnEveryRank(cfg.data.batch_size)]
     snapshots = None
     if cfg.ensemble.snapshots:
         epochs = cycle_end_epochs(cfg.scheduler.cycle_epochs, cfg.scheduler.cycle_mult, cfg.trainer.max_epochs)
@@ -180,6 +180,10 @@ def _build_trainer(cfg: DictConfig, run_dir: Path) -> _Watch:
     # Built before the heavy work, so a bad logger or callback fails in a second, not after measuring.
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["strategy"] = strategy_with_timeout(trainer_args.get("strategy", "auto"), cfg.ddp_timeout_s)
+    if trainer_args.get("benchmark") is None and not trainer_args.get("deterministic"):
+        # cuDNN times its convolution algorithms once per input shape and keeps the fastest (timm's train.py
+        # does the same); the shapes are fixed here. No effect on a CPU. Lightning's None means off.
+        trainer_args["benchmark"] = True
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=str(run_dir),
