@@ -96,8 +96,8 @@ def make_sets(root: Path, per_class: int, with_many: bool = True) -> tuple[Path,
     return base, many
 
 
-def run_finetune(root: Path, steps: int, stream: bool) -> dict:
-    """The finetune CLI for `steps` steps; its metrics.json throughput and the wall time."""
+def run_finetune(root: Path, steps: int, stream: bool, extra: tuple[str, ...] = ()) -> dict:
+    """The finetune CLI for `steps` steps (`extra` overrides last); its metrics.json throughput and the wall time."""
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = subprocess.run(
@@ -106,7 +106,7 @@ def run_finetune(root: Path, steps: int, stream: bool) -> dict:
              "augment=none", "model.channels_last=true", f"data.batch_size={BATCH}", "optimizer=adamw",
              f"optimizer.lr={LR}", f"optimizer.weight_decay={WEIGHT_DECAY}", "report=false",
              "trainer.enable_progress_bar=false", *(["data.preload=false"] if stream else []),
-             *(["trainer=gpu", "trainer.precision=bf16-mixed"] if GPU else [])],
+             *(["trainer=gpu", "trainer.precision=bf16-mixed"] if GPU else []), *extra],
             capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
         if result.returncode != 0:
@@ -115,8 +115,12 @@ def run_finetune(root: Path, steps: int, stream: bool) -> dict:
     speed = metrics["throughput"]
     workers = next((line.rsplit(":", 1)[1].strip() for line in result.stdout.splitlines() + result.stderr.splitlines()
                     if "loader workers:" in line), "?")
+    batch = next((line.split("data.batch_size=auto -> ", 1)[1].split(":", 1)[0] for line in
+                  result.stdout.splitlines() + result.stderr.splitlines() if "data.batch_size=auto -> " in line),
+                 None)  # data.batch_size=auto's choice, as logged
     return {"images_per_s": speed["train_images_per_s"], "wait_share": speed["loader_wait_share"],
             "peak_rss_gb": speed["peak_rss_gb"], "workers": workers, "wall_s": round(wall, 1),
+            **({"batch": int(batch)} if batch else {}),
             **({"peak_gpu_gb": metrics.get("peak_gpu_memory_gb")} if GPU else {})}
 
 
@@ -398,6 +402,8 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
     timm_train = timm_train or (Path(os.environ["TIMM_TRAIN_PY"]) if os.environ.get("TIMM_TRAIN_PY") else None)
     if timm_train:
         pairs.append((TIMM_STREAMED, lambda: run_timm_train(timm_train, base, steps, workers)))
+    if GPU:
+        return measure_gpu(base, steps, rounds, workers, pairs, timm_train, log)
     runs: dict[str, list[dict]] = {name: [] for name, _ in pairs}
     for r in range(rounds):  # alternating, so a slow spell of the shared machine hits both sides
         for name, run in pairs:
@@ -413,14 +419,6 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
         rows[name] = run_loader(base, max(steps, 3 * SKIP), stream, workers if (stream or GPU) else 0)
         log(f"scale {name}: {rows[name]['images_per_s']} images/s")
     train_files = sum(1 for _ in (base / "train").rglob("*.png"))
-    if GPU:
-        return {"set": base.name, "train_files": train_files, "steps": steps, "batch": BATCH, "image_size": SIZE,
-                "precision": "bf16", "cpus": os.cpu_count(), "rounds": rounds, "rows": rows,
-                "gpu": _gpu_name(), "timm_train": _timm_note(timm_train),
-                "ratio_in_memory": _ratio(rows, IN_MEMORY, PLAIN_IN_MEMORY),
-                "ratio_streaming": _ratio(rows, STREAMED, PLAIN_STREAMED),
-                **({"ratio_timm": _ratio(rows, STREAMED, TIMM_STREAMED),
-                    "ratio_timm_default": _ratio(rows, IN_MEMORY, TIMM_STREAMED)} if timm_train else {})}
     rows[f"{STREAMED}, {many.name}"] = run_finetune(many, steps, stream=True)
     log(f"scale {many.name}: {rows[f'{STREAMED}, {many.name}']}")
     return {
@@ -437,20 +435,81 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
     }
 
 
+# The GPU run's one-off rows: finetune in memory with one setting changed (each measured against the default), then
+# the loader alone at several worker counts (the data.num_workers=auto rule). name -> overrides.
+GPU_VARIANTS = {
+    "finetune, in memory, fp32 (trainer.precision=32-true)": ("trainer.precision=32-true",),
+    "finetune, in memory, NCHW (model.channels_last=false)": ("model.channels_last=false",),
+    "finetune, in memory, cuDNN autotuning off (trainer.benchmark=false)": ("trainer.benchmark=false",),
+    # lr_scaling=none: 200 steps measure speed, and the linear rule's 32x LR at batch 1024 is a question of accuracy
+    "finetune, in memory, data.batch_size=auto": ("data.batch_size=auto", "lr_scaling=none"),
+}
+GPU_WORKER_COUNTS = (2, 4, 8, 12)
+
+
+def measure_gpu(base: Path, steps: int, rounds: int, workers: int, pairs: list, timm_train: Path | None,
+                log=print) -> dict:
+    """The GPU run, in order of what matters if time runs out (each row is logged as it lands): one round of the
+    contenders, the loader alone, the one-setting variants, the worker counts, then the further rounds."""
+    runs: dict[str, list[dict]] = {name: [] for name, _ in pairs}
+    extra: dict[str, dict] = {}
+
+    def timed(name: str, run, *args) -> dict:
+        with GpuSampler() as gpu:
+            try:
+                row = run(*args)
+            except SystemExit as failed:  # one row's failure is reported, the others still run
+                row = {"images_per_s": 0.0, "wait_share": None, "workers": "?", "error": str(failed)[-1500:]}
+        row |= gpu.summary()
+        log(f"ROW {json.dumps({'name': name, **row})}")
+        return row
+
+    def one_round() -> None:
+        for name, run in pairs:
+            runs[name].append(timed(name, run))
+
+    one_round()
+    for name, stream in ((LOADER_IN_MEMORY, False), (LOADER_STREAMED, True)):
+        extra[name] = timed(name, run_loader, base, max(steps, 3 * SKIP), stream, workers)
+    for name, overrides in GPU_VARIANTS.items():
+        auto = "data.batch_size=auto" in overrides  # batches of up to 1024: fewer steps see as many images
+        extra[name] = timed(name, run_finetune, base, max(3 * SKIP, steps // 4) if auto else steps, False, overrides)
+    for n in GPU_WORKER_COUNTS:
+        name = f"{LOADER_STREAMED}, {n} workers"
+        extra[name] = timed(name, run_loader, base, max(steps, 3 * SKIP), True, n)
+    for _ in range(rounds - 1):
+        one_round()
+    rows = {name: {**max(done, key=lambda d: d["images_per_s"]),
+                   "rounds_images_per_s": [d["images_per_s"] for d in done]} for name, done in runs.items()} | extra
+    return {"set": base.name, "train_files": sum(1 for _ in (base / "train").rglob("*.png")), "steps": steps,
+            "batch": BATCH, "image_size": SIZE, "precision": "bf16", "cpus": os.cpu_count(), "rounds": rounds,
+            "rows": rows, "gpu": _gpu_name(), "timm_train": _timm_note(timm_train),
+            "ratio_in_memory": _ratio(rows, IN_MEMORY, PLAIN_IN_MEMORY),
+            "ratio_streaming": _ratio(rows, STREAMED, PLAIN_STREAMED),
+            **({"ratio_timm": _ratio(rows, STREAMED, TIMM_STREAMED),
+                "ratio_timm_default": _ratio(rows, IN_MEMORY, TIMM_STREAMED)} if timm_train else {})}
+
+
 def gpu_table(result: dict) -> list[str]:
     """The GPU run as a markdown table (printed; BENCHMARKS.md's GPU section is written by hand from it)."""
     import render
 
     out = [(f"{result['gpu']}, {result['image_size']} px, bf16, batch {result['batch']}, {result['steps']} steps, "
            f"{result['cpus']} cores; timm's train.py: {result['timm_train']}"), "",
-           ("| contender | loader workers | training images/s | waiting for data | GPU busy (samples) | GPU util when "
-           "busy | GPU memory max GB |"), "|---|---|---|---|---|---|---|"]
+           ("| contender | batch | loader workers | training images/s | waiting for data | GPU busy (samples) | "
+            "GPU util when busy | GPU memory max GB |"), "|---|---|---|---|---|---|---|---|"]
     for name, r in result["rows"].items():
-        out.append(f"| {name} | {r['workers']} | {r['images_per_s']:g} | {render.share(r['wait_share'])} | "
-                   f"{100 * r.get('gpu_busy_samples', 0):.0f}% | {r.get('gpu_util_mean_busy', '?')}% | "
-                   f"{r.get('gpu_memory_max_gb', '?')} |")
-    ratios = [f"{k}: {v['fastest']:.2f}x" for k, v in result.items() if k.startswith("ratio_")]
-    return [*out, "", "finetune / other: " + ", ".join(ratios)]
+        shown = f"{r['images_per_s']:g}" if "error" not in r else f"failed: {r['error'][-200:]!r}"
+        out.append(f"| {name} | {r.get('batch', result['batch'])} | {r['workers']} | {shown} | "
+                   f"{render.share(r['wait_share'])} | {100 * r.get('gpu_busy_samples', 0):.0f}% | "
+                   f"{r.get('gpu_util_mean_busy', '?')}% | {r.get('gpu_memory_max_gb', '?')} |")
+    ratios = [f"{k}: {v['fastest']:.2f}x (paired {v['paired']:.2f}x)" for k, v in result.items()
+              if k.startswith("ratio_")]
+    default = result["rows"][IN_MEMORY]["images_per_s"]
+    variants = [f"{name.split(', ', 2)[-1]}: {result['rows'][name]['images_per_s'] / default:.2f}x"
+                for name in GPU_VARIANTS if name in result["rows"]]
+    return [*out, "", "finetune / other: " + ", ".join(ratios), "",
+            "one setting changed / finetune's default in memory: " + ", ".join(variants)]
 
 
 def write_benchmarks(result: dict, path: Path) -> None:
