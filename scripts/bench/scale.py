@@ -371,6 +371,8 @@ def _ratio(rows: dict, ours: str, theirs: str) -> dict:
     import statistics
 
     mine, other = rows[ours]["rounds_images_per_s"], rows[theirs]["rounds_images_per_s"]
+    if not all(mine) or not all(other):  # a failed round (the GPU run keeps going): no ratio
+        return {"fastest": None, "median": None, "paired": None, "paired_se": None}
     paired = [a / b for a, b in zip(mine, other)]
     se = statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else None
     return {"fastest": round(max(mine) / max(other), 3),
@@ -503,8 +505,8 @@ def gpu_table(result: dict) -> list[str]:
         out.append(f"| {name} | {r.get('batch', result['batch'])} | {r['workers']} | {shown} | "
                    f"{render.share(r['wait_share'])} | {100 * r.get('gpu_busy_samples', 0):.0f}% | "
                    f"{r.get('gpu_util_mean_busy', '?')}% | {r.get('gpu_memory_max_gb', '?')} |")
-    ratios = [f"{k}: {v['fastest']:.2f}x (paired {v['paired']:.2f}x)" for k, v in result.items()
-              if k.startswith("ratio_")]
+    ratios = [f"{k}: {v['fastest']:.2f}x (paired {v['paired']:.2f}x)" if v["fastest"] else f"{k}: failed"
+              for k, v in result.items() if k.startswith("ratio_")]
     default = result["rows"][IN_MEMORY]["images_per_s"]
     variants = [f"{name.split(', ', 2)[-1]}: {result['rows'][name]['images_per_s'] / default:.2f}x"
                 for name in GPU_VARIANTS if name in result["rows"]]
