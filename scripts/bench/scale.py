@@ -509,7 +509,7 @@ def gpu_table(result: dict) -> list[str]:
               for k, v in result.items() if k.startswith("ratio_")]
     default = result["rows"][IN_MEMORY]["images_per_s"]
     variants = [f"{name.split(', ', 2)[-1]}: {result['rows'][name]['images_per_s'] / default:.2f}x"
-                for name in GPU_VARIANTS if name in result["rows"]]
+                for name in GPU_VARIANTS if name in result["rows"] and default]
     return [*out, "", "finetune / other: " + ", ".join(ratios), "",
             "one setting changed / finetune's default in memory: " + ", ".join(variants)]
 
