@@ -111,7 +111,7 @@ for cls in sorted((src / "train").iterdir()):
     for f in sorted(cls.iterdir())[:1000]:
         os.link(f, dst / "train" / cls.name / f.name)
 PYEOF
-  for batch in 32 auto; do  # nothing else given: recipe=auto chooses the rest
+  for batch in auto 32; do  # nothing else given: recipe=auto chooses the rest
     echo "== zero_config_batch_$batch"
     "${FT[@]}" data.root="$SUB" trainer=gpu data.batch_size=$batch trainer.enable_progress_bar=false report=false \
         run_dir="$WORK/zero_$batch" "${EXTRA[@]}" 2>&1 | grep -E "data.batch_size|lr_reference|Learning rates|steps of|Finished" || true
