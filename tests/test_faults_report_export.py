@@ -7,15 +7,18 @@ import json
 import re
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
 from finetune.errors import FinetuneError
 from finetune.export import export, run_onnx, sample_inputs
 from finetune.members import load_members, member_probabilities
 from finetune.models.checkpoint import load_classifier, read_checkpoint
+from finetune.recipe.callbacks import NonFiniteLossStop
 from finetune.train import train
 
 
@@ -34,6 +37,36 @@ def test_nan_loss_stops_with_the_step_and_lrs_and_keeps_the_last_good_checkpoint
     assert state["epoch"] == 0 and all(
         torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()
     )
+
+
+class _BlowsUpAtStep3(L.LightningModule):
+    """A real (tiny) Lightning fit whose loss is inf from the third optimizer step on."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        return loss * float("inf") if self.global_step >= 2 else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_on_a_gpu_the_nan_check_reads_the_step_before_yet_no_checkpoint_holds_the_bad_step(tmp_path):
+    """NonFiniteLossStop's GPU mode (``lagged``: each step reads the previous step's flag so the CPU never waits for
+    the device) run here on the CPU: a checkpoint saved after every step still stops at the bad step, unwritten."""
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 2)), batch_size=2)
+    saves = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
+    stop = NonFiniteLossStop(tmp_path, lagged=True)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                        callbacks=[stop, saves])
+    with pytest.raises(FinetuneError, match=r"became inf at epoch 1, step 3 \(batch 2\)"):
+        trainer.fit(_BlowsUpAtStep3(), data)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)  # a plain Lightning checkpoint
+    assert saved["global_step"] == 2  # step 3's save was refused
 
 
 def _table(markdown: str, title: str) -> list[list[str]]:

@@ -184,28 +184,64 @@ class NonFiniteLossStop(Callback):
 
     Raised mid-epoch, before any checkpoint of that epoch is written, so checkpoints/last.ckpt stays
     the last good state (the end of the previous epoch) and ``resume`` can continue from it.
+
+    On a GPU reading the loss waits for the device: checked after every step, the CPU could not queue the next step's
+    work while the GPU computes this one, and every step's overhead (loader, hooks, logging) would leave the GPU idle.
+    So there (``lagged``; default: when the loss is on CUDA) each step reads the previous step's flag, which the GPU
+    has long computed, and before any checkpoint is written (``on_save_checkpoint``), at validation and at the end of
+    an epoch or of training the latest flag is read too: no checkpoint holds weights of a non-finite step.
     """
 
-    def __init__(self, checkpoint_dir: str | Path | None = None):
+    def __init__(self, checkpoint_dir: str | Path | None = None, lagged: bool | None = None):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.lagged = lagged
+        self._pending: tuple[torch.Tensor, torch.Tensor, int, int, int, dict[str, float]] | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is None or bool(torch.isfinite(loss.detach()).all()):
+        if loss is None:
+            return
+        loss = loss.detach()
+        step = (torch.isfinite(loss).all(), loss, trainer.current_epoch, trainer.global_step, batch_idx,
+                _group_lrs(trainer))
+        lagged = self.lagged if self.lagged is not None else loss.device.type == "cuda"
+        previous, self._pending = (self._pending, step) if lagged else (step, None)
+        if previous is not None:
+            self._check(trainer, *previous)
+
+    def _flush(self, trainer: L.Trainer) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._check(trainer, *pending)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._flush(trainer)  # raised here, the checkpoint is not written
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flush(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flush(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flush(trainer)
+
+    def _check(self, trainer: L.Trainer, finite: torch.Tensor, loss: torch.Tensor, epoch: int, global_step: int,
+               batch_idx: int, lrs: dict[str, float]) -> None:
+        if bool(finite):
             return
         from finetune.errors import FinetuneError
 
-        lrs = _group_lrs(trainer)
         lrs = dict(sorted(lrs.items(), key=lambda kv: kv[0] != "head"))  # the head's LR first
         shown = ", ".join(f"{k} {v:.3g}" for k, v in list(lrs.items())[:6]) + (" ..." if len(lrs) > 6 else "")
         last = self.checkpoint_dir / "last.ckpt" if self.checkpoint_dir else None
-        kept = (f"The last good checkpoint is {last} (end of epoch {trainer.current_epoch}); continue from it with "
+        kept = (f"The last good checkpoint is {last} (end of epoch {epoch}); continue from it with "
                 f"resume=... after the fix." if last is not None and last.is_file()
                 else "No checkpoint was written before it.")
         raise FinetuneError(
-            f"The training loss became {float(loss):.4g} at epoch {trainer.current_epoch + 1}, step "
-            f"{trainer.global_step} (batch {batch_idx}); learning rates: {shown}. {kept} Lower optimizer.lr, add "
+            f"The training loss became {float(loss):.4g} at epoch {epoch + 1}, step "
+            f"{global_step} (batch {batch_idx}); learning rates: {shown}. {kept} Lower optimizer.lr, add "
             f"gradient clipping (trainer.gradient_clip_val=1.0), or use trainer.precision=32-true."
         )
 
