@@ -2,6 +2,7 @@
 each lr_scaling rule, on sets large enough for auto to leave 32 (it keeps at least 16 steps per epoch).
 
     .venv/bin/python scripts/bench/batch_lr.py [--sets fmnist-1000 glyphs-all] [--seeds 0] [--out batch_lr.json]
+        [--rules none sqrt linear] [--batches 64 128] [--no-baseline]
 
 Why on a CPU: what a batch and an LR do to accuracy does not depend on the device, and data.batch_size=auto's
 choice on a GPU is reproduced here by giving it (the batch) and lr_reference_batch=32 (what auto sets). Everything
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["fmnist-1000", "glyphs-all"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--rules", nargs="+", default=["none", "sqrt", "linear"])
+    parser.add_argument("--batches", nargs="+", type=int, help="these batches instead of the one auto would pick")
+    parser.add_argument("--no-baseline", action="store_true", help="leave out the batch-32 run")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = []
@@ -59,8 +62,9 @@ def main() -> None:
         n_train = sum(1 for p in (root / "train").rglob("*") if p.is_file()) if (root / "train").is_dir() else None
         held_out = 0.0 if (root / "val").is_dir() else 0.2  # data.val_fraction carves a val split otherwise
         big = auto_batch_on_a_big_gpu(int((1 - held_out) * n_train) if n_train else 0)
-        cells = [("32", [])] + [(f"{big}, lr_scaling={rule}", [f"data.batch_size={big}", "lr_reference_batch=32",
-                                                                 f"lr_scaling={rule}"]) for rule in args.rules]
+        cells = [] if args.no_baseline else [("32", [])]
+        cells += [(f"{b}, lr_scaling={rule}", [f"data.batch_size={b}", "lr_reference_batch=32", f"lr_scaling={rule}"])
+                  for b in (args.batches or [big]) for rule in args.rules]
         for seed in args.seeds:
             for label, overrides in cells:
                 row = {"set": name, "seed": seed, "batch": label, **run(root, seed, overrides)}
