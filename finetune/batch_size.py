@@ -1,15 +1,17 @@
 """``data.batch_size=auto``: the batch the training device can hold, from a probe of its peak memory.
 
-On a CUDA device a fine-tune at batch 32 leaves a large GPU idle (BENCHMARKS.md, H200 section). The probe runs two
+On a CUDA device a fine-tune at batch 32 leaves a large GPU idle (BENCHMARKS.md, H200 sections). The probe runs two
 training steps (forward and backward, at the run's input size, precision and memory layout, every layer trainable,
 so a later unfreeze still fits) at two batch sizes; peak memory grows linearly with the batch, so the two peaks give
 the fixed part and the part per image. The batch is the largest power of two that keeps the peak, plus the
-optimizer's state, within ``MEMORY_SHARE`` of the device's memory, between 32 and ``MAX_BATCH``, and small enough
-that an epoch has at least ``MIN_STEPS_PER_EPOCH`` steps. On a CPU it is 32: a larger batch does not raise the images
-per second there (the cores are busy at 32) and only means fewer steps.
+optimizer's state, within ``MEMORY_SHARE`` of the device's memory, between 32 and ``MAX_BATCH``, with at least
+``MIN_STEPS_PER_EPOCH`` steps per epoch and, when the run's images are fixed (recipe=auto's budget, or
+``trainer.max_epochs``), at least ``MIN_RUN_STEPS`` optimizer steps in the run: a larger batch then means fewer
+steps, and too few underfit. On a CPU it is 32: a larger batch does not raise the images per second there (the
+cores are busy at 32; 512 ran 2-3x slower) and only means fewer steps.
 
-The LR follows the batch by the existing rule (``lr_scaling``): ``lr_reference_batch`` is set to 32, the batch every
-default LR was tuned at, so ``optimizer.lr`` keeps meaning "the LR for 32 images".
+The LR follows the batch: ``lr_reference_batch`` is set to 32, the batch every default LR was tuned at (so
+``optimizer.lr`` keeps meaning "the LR for 32 images"), and ``lr_scaling`` to ``LR_SCALING`` unless given.
 
 Why not Lightning's BatchSizeFinder: its trial fits run every callback of the run (checkpoints, the plateau log,
 throughput), and it grows the batch until an out-of-memory error, which on a CPU never comes (it stops at
@@ -34,6 +36,18 @@ REFERENCE_BATCH = 32  # the batch every default (LRs, schedules, the benchmark t
 MEMORY_SHARE = 0.8  # of the device's total memory: room for the allocator's fragmentation and cuDNN workspaces
 MAX_BATCH = 1024
 MIN_STEPS_PER_EPOCH = 16
+# Optimizer steps the whole run keeps when its images are fixed (recipe=auto's budget, or trainer.max_epochs).
+# Zero-config on Fashion-MNIST 1,000/class (937 steps at batch 32), sqrt LR: -0.005 at 468 steps, -0.008 at 234
+# (3 seeds), -0.017 at 117, -0.06 at 58; glyphs and Fashion-MNIST 200/class lost nothing at 83-156 steps
+# (BENCHMARKS.md, "data.batch_size=auto"). 500 keeps the cost on the most step-hungry set near 0.005.
+MIN_RUN_STEPS = 500
+# How the LR follows auto's batch unless lr_scaling is given: sqrt (for Adam-type optimizers, as recipe=auto's
+# AdamW). Linear (x16 at batch 512) ended at chance on the H200 and on the CPU; sqrt never diverged and beat an
+# unscaled LR at 64-256 (+0.0015 to +0.010)
+LR_SCALING = "sqrt"
+LR_SCALING_WHY = ("the LR grows with the square root of the batch over 32 (the rule for Adam-type optimizers): "
+                  "linearly (x16 at batch 512) it diverged to chance; sqrt never diverged and beat an unscaled LR at "
+                  "batch 64-256 (BENCHMARKS.md)")
 PROBE_BATCHES = ((32, 64), (4, 8), (1, 2))  # the next pair when the first does not fit
 SHARED_ENV = "FINETUNE_AUTO_BATCH"  # rank 0's choice, inherited by the processes Lightning launches
 
@@ -64,8 +78,9 @@ def _power_of_two_at_most(n: float) -> int:
     return 1 << max(0, int(n).bit_length() - 1) if n >= 1 else 0
 
 
-def batch_from_probe(probe: MemoryProbe, n_train: int | None) -> tuple[int, str]:
-    """(batch size, why) from the memory model ``fixed + batch x per_image``."""
+def batch_from_probe(probe: MemoryProbe, n_train: int, seen: int | None = None) -> tuple[int, str]:
+    """(batch size, why) from the memory model ``fixed + batch x per_image``; ``seen``: the images the run will see
+    (None when its steps are fixed), which keeps at least ``MIN_RUN_STEPS`` optimizer steps."""
     budget = MEMORY_SHARE * probe.total
     fits = (budget - probe.fixed) / probe.per_image
     by_memory = _power_of_two_at_most(fits)
@@ -74,7 +89,8 @@ def batch_from_probe(probe: MemoryProbe, n_train: int | None) -> tuple[int, str]
             f"data.batch_size=auto: training needs {probe.fixed / 2**30:.1f} GiB before the first image, more than "
             f"{MEMORY_SHARE:.0%} of the device's {probe.total / 2**30:.1f} GiB. Use a smaller model.backbone or "
             f"data.image_size, or trainer.precision=bf16-mixed.")
-    by_data = _power_of_two_at_most(n_train / MIN_STEPS_PER_EPOCH) if n_train else MAX_BATCH
+    by_data = min(_power_of_two_at_most(n_train / MIN_STEPS_PER_EPOCH),
+                  _power_of_two_at_most(seen / MIN_RUN_STEPS) if seen else MAX_BATCH)
     batch = min(by_memory, MAX_BATCH, max(by_data, REFERENCE_BATCH))
     model = (f"peak memory {probe.small_peak / 2**30:.2f} GiB at batch {probe.small} and "
              f"{probe.large_peak / 2**30:.2f} GiB at {probe.large}: {probe.per_image / 2**20:.1f} MiB per image on "
@@ -84,11 +100,12 @@ def batch_from_probe(probe: MemoryProbe, n_train: int | None) -> tuple[int, str]
         bound = f"the largest power of two that fits: {holds}"
     elif batch == MAX_BATCH:
         bound = f"at most {MAX_BATCH} ({holds})"
-    elif by_data >= REFERENCE_BATCH:
-        bound = f"{n_train:,} training images: at least {MIN_STEPS_PER_EPOCH} steps per epoch ({holds})"
     else:
-        bound = (f"{REFERENCE_BATCH}, the batch the defaults were tuned at: {n_train:,} training images are too few "
-                 f"for more ({holds})")
+        steps = (f"{n_train:,} training images" + (f", {seen:,} images seen in the run" if seen else "") +
+                 f": at least {MIN_STEPS_PER_EPOCH} steps per epoch" + (f" and {MIN_RUN_STEPS} in the run" if seen
+                                                                         else ""))
+        bound = (f"{steps} ({holds})" if by_data >= REFERENCE_BATCH else
+                 f"{REFERENCE_BATCH}, the batch the defaults were tuned at ({steps}; {holds})")
     return batch, f"{model}; {bound}"
 
 
@@ -156,7 +173,7 @@ def this_process_device() -> torch.device:
 
 
 def auto_batch_size(backbone: str, num_classes: int, image_size: int, precision: str, channels_last: bool,
-                    device_kind: str, n_train: int | None, run_id: str | None) -> tuple[int, str]:
+                    device_kind: str, n_train: int | None, seen: int | None, run_id: str | None) -> tuple[int, str]:
     """(batch size, why) for ``data.batch_size=auto``. A DDP process that Lightning launched takes rank 0's
     choice from its environment; under torchrun or SLURM each process probes its own GPU (the same model of GPU
     gives the same answer, and ``BatchSizeAgreement`` stops the run with a clear error if ranks differ)."""
@@ -166,14 +183,15 @@ def auto_batch_size(backbone: str, num_classes: int, image_size: int, precision:
         return int(batch), why
     if device_kind != "gpu":
         batch, why = REFERENCE_BATCH, (f"on a CPU a larger batch does not raise the images per second (the cores "
-                                       f"are busy at {REFERENCE_BATCH}) and only means fewer steps: "
+                                       f"are busy at {REFERENCE_BATCH}: zero-config on 10,000 images trained in 53 s "
+                                       f"at 32, 47-56 s at 64-128, 105-163 s at 512) and only means fewer steps: "
                                        f"{REFERENCE_BATCH}, the batch the defaults were tuned at")
     else:
         import torch
 
         device = this_process_device()
         probe = probe_device(backbone, num_classes, image_size, precision, channels_last, device)
-        batch, why = batch_from_probe(probe, n_train)
+        batch, why = batch_from_probe(probe, n_train, seen)
         why = f"{torch.cuda.get_device_name(device)}: {why}"
     if run_id:
         os.environ[SHARED_ENV] = f"{run_id}:{batch}:{why}"

@@ -15,7 +15,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.batch_size import REFERENCE_BATCH, auto_batch_size
+from finetune.batch_size import LR_SCALING, LR_SCALING_WHY, REFERENCE_BATCH, auto_batch_size
 from finetune.config import build_optimizer_and_scheduler
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.datasets import label_list, scan_configured, scan_dataset
@@ -33,7 +33,7 @@ from finetune.policy.choose import choose_policy, format_policy_block
 from finetune.policy.stages import build_stage_map
 from finetune.recipe.auto import RecipeDecision, after_measurement, before_measurement, device_kind, format_recipe_block
 from finetune.recipe.regularization import Regularization
-from finetune.resume import ResumePoint, choice_from_record, with_values
+from finetune.resume import ResumePoint, choice_from_record, typed_paths, with_values
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,11 @@ def recipe_before_measurement(cfg: DictConfig) -> tuple[DictConfig, RecipeDecisi
 
 
 def auto_batch_rule(cfg: DictConfig, num_classes: int):
-    """data.batch_size=auto's rule as ``(image size, channels_last, training images) -> (batch, why)``, for the
-    recipe to call once it has chosen the size and layout."""
-    def rule(image_size: int, channels_last: bool, n_train: int | None) -> tuple[int, str]:
+    """data.batch_size=auto's rule as ``(image size, channels_last, training images, images the run sees or None)
+    -> (batch, why)``, for the recipe to call once it has chosen the size, layout and length."""
+    def rule(image_size: int, channels_last: bool, n_train: int, seen: int | None) -> tuple[int, str]:
         return auto_batch_size(str(cfg.model.backbone), num_classes, image_size, str(cfg.trainer.precision),
-                               channels_last, device_kind(cfg), n_train, distributed_run_id())
+                               channels_last, device_kind(cfg), n_train, seen, distributed_run_id())
     return rule
 
 
@@ -88,14 +88,19 @@ def with_auto_batch_size(cfg: DictConfig) -> DictConfig:
     index = scan_dataset(cfg.data.root, float(cfg.data.val_fraction), cfg.data.test_fraction, cfg.data.split_seed,
                          task=str(cfg.task))
     size = int(cfg.data.image_size or pretrained_input_size(cfg.model.backbone))
-    batch, why = auto_batch_rule(cfg, len(index.classes))(size, bool(cfg.model.channels_last),
-                                                            len(index.splits["train"]))
+    n_train, epochs = len(index.splits["train"]), int(cfg.trainer.max_epochs or 0)
+    # a fixed number of steps (trainer.max_steps) or no epoch limit: a larger batch sees more images, not fewer steps
+    seen = n_train * epochs if int(cfg.trainer.max_steps) < 0 and epochs > 0 else None
+    batch, why = auto_batch_rule(cfg, len(index.classes))(size, bool(cfg.model.channels_last), n_train, seen)
     log.info("data.batch_size=auto -> %d: %s", batch, why)
     values: dict[str, Any] = {"data.batch_size": batch}
-    if cfg.lr_reference_batch is None:
+    given = typed_paths(cfg)
+    if "lr_reference_batch" not in given:
         values["lr_reference_batch"] = REFERENCE_BATCH
-        log.info("lr_reference_batch=%d: optimizer.lr is the LR for %d images, scaled to the batch by lr_scaling=%s",
-                 REFERENCE_BATCH, REFERENCE_BATCH, cfg.lr_scaling)
+        log.info("lr_reference_batch=%d: optimizer.lr is the LR for %d images", REFERENCE_BATCH, REFERENCE_BATCH)
+    if "lr_scaling" not in given:
+        values["lr_scaling"] = LR_SCALING
+        log.info("lr_scaling=%s: %s", LR_SCALING, LR_SCALING_WHY)
     return with_values(cfg, values)
 
 

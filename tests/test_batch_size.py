@@ -14,7 +14,7 @@ import textwrap
 import pytest
 from conftest import FAST, digit_folders, make_cfg
 
-from finetune.batch_size import MAX_BATCH, MemoryProbe, batch_from_probe
+from finetune.batch_size import MAX_BATCH, MIN_RUN_STEPS, MemoryProbe, batch_from_probe
 from finetune.config import validate_train_config
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import read_checkpoint
@@ -44,7 +44,22 @@ def test_the_batch_stops_at_1024_and_where_an_epoch_would_have_too_few_steps():
     batch, why = batch_from_probe(big, n_train=5_000)  # 5,000 / 16 = 312 -> 256: at least 16 steps an epoch
     assert batch == 256 and "at least 16 steps per epoch" in why
     batch, why = batch_from_probe(big, n_train=300)  # never below 32, the batch the defaults were tuned at
-    assert batch == 32 and "too few for more" in why
+    assert batch == 32 and "32, the batch the defaults were tuned at (300 training images" in why
+
+
+def test_a_fixed_budget_of_images_keeps_enough_optimizer_steps():
+    """recipe=auto's budget fixes the images a run sees, so a larger batch means fewer steps: the batch keeps at
+    least MIN_RUN_STEPS of them (at batch 512 a zero-config run of 30,000 images underfit, BENCHMARKS.md)."""
+    big = probe(10, 1.0, 140)
+    batch, why = batch_from_probe(big, n_train=10_000, seen=100_000)  # 100,000 / 500 = 200 -> 128
+    assert batch == 128 == _steps_cap(100_000)
+    assert "100,000 images seen in the run: at least 16 steps per epoch and 500 in the run" in why
+    assert batch_from_probe(big, n_train=10_000, seen=None)[0] == 512  # steps fixed (max_steps): only per epoch
+    assert batch_from_probe(big, n_train=10_000, seen=5_000)[0] == 32  # never below 32
+
+
+def _steps_cap(seen: int) -> int:
+    return 1 << (int(seen / MIN_RUN_STEPS).bit_length() - 1)
 
 
 def test_a_model_too_large_for_the_device_is_a_clear_error():
@@ -64,13 +79,15 @@ def test_on_a_cpu_auto_is_32_with_the_reason_in_the_recipe_and_the_lr_reference_
     choices = {c["key"]: c for c in json.loads((run / "recipe.json").read_text())["choices"]}
     assert choices["data.batch_size"]["value"] == 32
     assert "on a CPU a larger batch does not raise the images per second" in choices["data.batch_size"]["reason"]
-    assert choices["lr_reference_batch"]["value"] == 32
+    assert choices["lr_reference_batch"]["value"] == 32 and choices["lr_scaling"]["value"] == "sqrt"
     saved = (run / "config.yaml").read_text()
     assert "  batch_size: 32\n" in saved and "lr_reference_batch: 32\n" in saved  # resume reads numbers, not auto
-    # recipe=off resolves it too, and keeps an lr_reference_batch the user gave
+    # recipe=off resolves it too, and keeps what the user gave
     off = with_auto_batch_size(make_cfg([f"data.root={root}", *FAST, "data.batch_size=auto",
                                          "lr_reference_batch=64"]))
-    assert off.data.batch_size == 32 and off.lr_reference_batch == 64
+    assert (off.data.batch_size, off.lr_reference_batch, off.lr_scaling) == (32, 64, "sqrt")
+    off = with_auto_batch_size(make_cfg([f"data.root={root}", *FAST, "data.batch_size=auto", "lr_scaling=none"]))
+    assert (off.data.batch_size, off.lr_reference_batch, off.lr_scaling) == (32, 32, "none")
 
 
 @pytest.mark.parametrize("scaling, factor", [("linear", 4.0), ("sqrt", 2.0), ("none", 1.0)])

@@ -25,13 +25,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.batch_size import REFERENCE_BATCH
+from finetune.batch_size import LR_SCALING, LR_SCALING_WHY, REFERENCE_BATCH
 from finetune.conf import preset
 
 RECIPE_FILE = "recipe.json"
+# data.batch_size=auto: (image size, channels_last, training images, images the run will see or None) -> (batch,
+# why); see finetune.batch_size
+BatchRule = Callable[[int, bool, int, "int | None"], tuple[int, str]]
 # Schedules that end at a small LR when the run's length is known (their _target_s).
-# data.batch_size=auto: (image size, channels_last, training images) -> (batch, why); see finetune.batch_size
-BatchRule = Callable[[int, bool, "int | None"], tuple[int, str]]
 ANNEALING_TARGETS = ("torch.optim.lr_scheduler.OneCycleLR", "torch.optim.lr_scheduler.CosineAnnealingLR")
 
 
@@ -203,17 +204,32 @@ def global_batch(cfg: DictConfig, per_device: int | None = None) -> int:
     return int(per_device or cfg.data.batch_size) * int(cfg.trainer.get("accumulate_grad_batches") or 1) * processes
 
 
+def _step_budget_images(n_train: int, device: str, rules: Mapping[str, Any], size: int) -> float | None:
+    """Large data: the images a step-budget run sees (``max_stretch`` budgets at ``size``), when ``min_epochs``
+    passes would cost more; None on data small enough for whole passes."""
+    budget = budget_images(device, rules) * (int(rules["budget_size"]) / size) ** 2
+    stretch = float(rules["max_stretch"])
+    return budget * stretch if n_train * int(rules["min_epochs"]) > budget * stretch else None
+
+
+def planned_images(n_train: int, device: str, rules: Mapping[str, Any], size: int) -> int:
+    """The images the budget lets the run see, whatever the batch: the step budget's on large data, else
+    :func:`epochs_rule`'s epochs of the training images."""
+    images = _step_budget_images(n_train, device, rules, size)
+    return round(images) if images is not None else epochs_rule(n_train, device, rules, size)[0] * n_train
+
+
 def step_budget_rule(n_train: int, device: str, rules: Mapping[str, Any], size: int,
                      batch: int) -> tuple[int, int, str] | None:
     """Large data: (max_epochs, max_steps, why) when ``min_epochs`` passes would cost more than ``max_stretch``
     budgets; the run then sees ``max_stretch`` budgets of images, counted in optimizer steps (a fraction of an
     epoch on a million images), so the annealing schedule, validation and the end all follow steps. None on data
     small enough for whole passes (:func:`epochs_rule`)."""
+    images = _step_budget_images(n_train, device, rules, size)
+    if images is None:
+        return None
     budget = budget_images(device, rules) * (int(rules["budget_size"]) / size) ** 2
     lo, stretch = int(rules["min_epochs"]), float(rules["max_stretch"])
-    if n_train * lo <= budget * stretch:
-        return None
-    images = budget * stretch
     saves = int(rules["step_budget_saves"])  # a multiple of the saves: the last one falls on the last step
     steps = saves * math.ceil(images / batch / saves)
     epochs = max(1, math.ceil(steps / max(1, n_train // batch)))
@@ -284,12 +300,20 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int, batch_rule: B
                                         "and the layout convolutions run fastest in on GPUs")
     batch = None
     if cfg.data.batch_size == "auto" and batch_rule is not None:  # asked for: a choice, though the key was given
-        batch, why = batch_rule(size, bool(values.get("model.channels_last", cfg.model.channels_last)), n_train)
+        if given("trainer.max_steps"):  # a fixed number of steps: a larger batch sees more images, not fewer steps
+            seen = None
+        elif given("trainer.max_epochs"):
+            seen = int(cfg.trainer.max_epochs) * n_train if int(cfg.trainer.max_epochs or 0) > 0 else None
+        else:
+            seen = planned_images(n_train, device, rules, size)
+        batch, why = batch_rule(size, bool(values.get("model.channels_last", cfg.model.channels_last)), n_train,
+                                seen)
         values["data.batch_size"] = batch
         decision.set("data.batch_size", batch, f"data.batch_size=auto: {why}")
         choose("lr_reference_batch", REFERENCE_BATCH, f"optimizer.lr is the LR for {REFERENCE_BATCH} images (the "
                                                       f"batch the defaults were tuned at), scaled to the batch by "
-                                                      f"lr_scaling={cfg.lr_scaling}")
+                                                      f"lr_scaling")
+        choose("lr_scaling", LR_SCALING, LR_SCALING_WHY)
     steps = None
     length_given = given("trainer.max_epochs") or given("trainer.max_steps")
     by_steps = None if length_given else step_budget_rule(n_train, device, rules, size, global_batch(cfg, batch))
