@@ -3,14 +3,19 @@
 #   runs:  a 1-GPU fine-tune (plain, then compiled with channels_last), the policy demo and a DDP run over every GPU,
 #          each printing images/s and peak GPU memory;
 #   scale: the throughput benchmark at 224 px bf16 (scripts/bench/scale.py --gpu: finetune against a plain loop, and
-#          against timm's train.py when TIMM_TRAIN_PY=PATH names a copy; precision, layout, cuDNN autotuning,
-#          data.batch_size=auto and loader worker counts one at a time);
+#          against timm's train.py when TIMM_TRAIN_PY=PATH names a copy; then the plain loop's knobs (cuDNN
+#          autotuning, timm's PrefetchLoader, no per-step wait), finetune under Lightning's simple profiler, the
+#          in-memory pair, the loader alone, precision, layout, autotuning off, data.batch_size=auto and loader
+#          worker counts one at a time). Each finetune run costs ~80-110 s of start-up on 59,900 files: in a
+#          15-minute device session give PARTS=scale SCALE_BUDGET_S=330 (no row starts after it; the JSON is
+#          still written);
 #   batch: zero-config on 1,000 Fashion-MNIST images per class at data.batch_size 32 against auto (accuracy, time).
 # Exits non-zero on any failure. Not part of the test suite (which must pass without a GPU).
 # Usage: [PARTS="scale batch"] ./scripts/gpu_check.sh [EXTRA_OVERRIDES...]
 # Environment: PY (python with finetune importable; default .venv/bin/python, else python3),
 # DATA (an image folder for the runs part instead of building the Fashion-MNIST demo set), SCALE_ROUNDS (default 1),
-# SCALE_OUT (where the scale results go; default scale_gpu.json).
+# SCALE_BUDGET_S (default 0: none), SCALE_OUT and SCALE_LOG (the results and every finetune run's output; default
+# scale_gpu.json, scale_gpu.log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
@@ -92,7 +97,7 @@ HAVE_6K=$([ -d data/bench/fmnist-6k ] || [ -d /usr/share/datasets/fashion-mnist 
 if part scale && [ "$HAVE_6K" = 1 ]; then
   echo "== scale: finetune against a plain loop${TIMM_TRAIN_PY:+ and timm train.py}, 224 px bf16"
   PYTHONUNBUFFERED=1 "$PY" scripts/bench/scale.py --gpu --steps 200 --rounds "${SCALE_ROUNDS:-1}" \
-      --out "${SCALE_OUT:-scale_gpu.json}"
+      --budget-s "${SCALE_BUDGET_S:-0}" --out "${SCALE_OUT:-scale_gpu.json}" --log "${SCALE_LOG:-scale_gpu.log}"
 elif part scale; then
   echo "== scale: skipped (no data/bench/fmnist-6k and no Debian dataset-fashion-mnist to build it from)"
 fi

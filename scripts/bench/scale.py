@@ -39,8 +39,12 @@ stopped there (before its end-of-epoch validation).
 `--gpu` (run by `scripts/gpu_check.sh`): the same contenders on the first CUDA GPU at 224 px with bf16 autocast and
 batch 128 (finetune: `trainer=gpu trainer.precision=bf16-mixed`; timm: `--amp --amp-dtype bfloat16 --pin-mem`),
 every loader with finetune's GPU worker count, nvidia-smi sampled every 0.2 s for the GPU's busy share,
-utilisation and memory; no 5x set. `--write` rewrites the CPU run's goal rows and section of BENCHMARKS.md (from
-this run, or from `--from` a results file).
+utilisation and memory; no 5x set. Then diagnostics, in order of use if the time runs out (`--budget-s`): the plain
+loop with one knob at a time (`SCALE_PLAIN`: cuDNN autotuning, timm's PrefetchLoader, the loss read each step, no
+per-step wait) and three at once, finetune under Lightning's simple profiler (its report in `--log`), the in-memory
+pair, the loader alone, finetune with one setting changed (fp32, NCHW, autotuning off, `data.batch_size=auto`) and
+the loader at 2/4/8/12 workers; the further rounds last. `--write` rewrites the CPU run's goal rows and section of
+BENCHMARKS.md (from this run, or from `--from` a results file).
 """
 
 from __future__ import annotations
@@ -109,6 +113,10 @@ def run_finetune(root: Path, steps: int, stream: bool, extra: tuple[str, ...] = 
              *(["trainer=gpu", "trainer.precision=bf16-mixed"] if GPU else []), *extra],
             capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
+        if os.environ.get("SCALE_LOG"):  # the whole output, for what a row alone does not say (start-up, profiler)
+            with open(os.environ["SCALE_LOG"], "a") as out:
+                out.write(f"\n===== finetune {' '.join(extra)} (stream={stream}, rc {result.returncode}, "
+                          f"{wall:.1f} s)\n{result.stdout}{result.stderr}")
         if result.returncode != 0:
             raise SystemExit(f"finetune failed:\n{result.stderr[-3000:]}")
         metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
@@ -124,8 +132,15 @@ def run_finetune(root: Path, steps: int, stream: bool, extra: tuple[str, ...] = 
             **({"peak_gpu_gb": metrics.get("peak_gpu_memory_gb")} if GPU else {})}
 
 
+# The plain loop's knobs (SCALE_PLAIN, comma-separated; GPU diagnostics of what makes a loop fast there):
+# benchmark: cuDNN autotuning on; prefetch: uint8 batches through timm's PrefetchLoader (copied to the device and
+# normalised on a side CUDA stream while the current step runs), streaming only; item: read the loss each step
+# (timm's loss.item()) instead of synchronising the device; nosync: neither (the device is waited for once, at the end).
+PLAIN_KNOBS = ("benchmark", "prefetch", "item", "nosync")
+
+
 def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
-    """The plain loop (runs in a child process: `--plain`)."""
+    """The plain loop (runs in a child process: `--plain`), with the knobs SCALE_PLAIN names."""
     import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, Dataset
@@ -137,6 +152,11 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
     from finetune.models.backbone import load_pretrained
     from finetune.throughput import peak_rss_gb
 
+    knobs = {k for k in os.environ.get("SCALE_PLAIN", "").split(",") if k}
+    if knobs - set(PLAIN_KNOBS):
+        raise SystemExit(f"SCALE_PLAIN: unknown {sorted(knobs - set(PLAIN_KNOBS))}; known: {PLAIN_KNOBS}")
+    torch.backends.cudnn.benchmark = "benchmark" in knobs
+    prefetch = "prefetch" in knobs and stream
     torch.manual_seed(0)
     model, _, _ = load_pretrained("tf_efficientnet_lite0", "auto")
     model.reset_classifier(10)
@@ -147,8 +167,10 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
     to_tensor = transforms.Compose([transforms.Resize((SIZE, SIZE), interpolation=bicubic), transforms.ToTensor(),
                                     transforms.Normalize(pp.mean, pp.std)])
     if stream:
-        dataset = datasets.ImageFolder(str(Path(root) / "train"),
-                                       transform=transforms.Compose([transforms.Grayscale(3), to_tensor]))
+        as_uint8 = transforms.Compose([transforms.Resize((SIZE, SIZE), interpolation=bicubic),
+                                       transforms.PILToTensor()])
+        dataset = datasets.ImageFolder(str(Path(root) / "train"), transform=transforms.Compose(
+            [transforms.Grayscale(3), as_uint8 if prefetch else to_tensor]))
     else:
         folder = datasets.ImageFolder(str(Path(root) / "train"))
         images = decode_all([p for p, _ in folder.samples], decode_side(pp), float("inf"))
@@ -164,6 +186,10 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
         dataset = Decoded()
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=GPU)
+    if prefetch:
+        from timm.data.loader import PrefetchLoader
+
+        loader = PrefetchLoader(loader, pp.mean, pp.std, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=GPU)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     model.train()
@@ -178,9 +204,13 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if GPU:
+        if "item" in knobs:
+            loss.item()  # as timm's loop: the loss read each step
+        elif GPU and "nosync" not in knobs:
             torch.cuda.synchronize()  # the step's time, not its launch's
         end = time.perf_counter()
+        if step == SKIP:
+            first = last_end  # nosync: the timed steps span from here to the device's end of the last one
         if step >= SKIP:
             wait += fetched - last_end
             total += end - last_end
@@ -188,9 +218,13 @@ def plain_loop(root: str, steps: int, stream: bool, workers: int) -> dict:
         last_end = end
         if step + 1 >= steps:
             break
+    if GPU:
+        torch.cuda.synchronize()
+    if "nosync" in knobs:
+        total = time.perf_counter() - first
     del loader  # the workers end, so their peak is counted
     return {"images_per_s": round(timed / total, 1), "wait_share": round(wait / total, 3),
-            "peak_rss_gb": peak_rss_gb(), "workers": workers,
+            "peak_rss_gb": peak_rss_gb(), "workers": workers, **({"knobs": sorted(knobs)} if knobs else {}),
             **({"peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)} if GPU else {})}
 
 
@@ -225,17 +259,18 @@ def loader_alone(root: str, steps: int, stream: bool, workers: int) -> dict:
             "peak_rss_gb": peak_rss_gb(), "workers": data.num_workers}
 
 
-def _child(mode: str, what: str, root: Path, steps: int, stream: bool, workers: int) -> dict:
+def _child(mode: str, what: str, root: Path, steps: int, stream: bool, workers: int, knobs: str = "") -> dict:
     started = time.perf_counter()
     result = subprocess.run([sys.executable, __file__, mode, str(root), str(steps), str(int(stream)),
-                             str(workers)], capture_output=True, text=True, check=False)
+                             str(workers)], capture_output=True, text=True, check=False,
+                            env={**os.environ, "SCALE_PLAIN": knobs})
     if result.returncode != 0:
         raise SystemExit(f"{what} failed:\n{result.stderr[-3000:]}")
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "wall_s": round(time.perf_counter() - started, 1)}
 
 
-def run_plain(root: Path, steps: int, stream: bool, workers: int) -> dict:
-    return _child("--plain", "plain loop", root, steps, stream, workers)
+def run_plain(root: Path, steps: int, stream: bool, workers: int, knobs: str = "") -> dict:
+    return _child("--plain", "plain loop", root, steps, stream, workers, knobs)
 
 
 def run_loader(root: Path, steps: int, stream: bool, workers: int) -> dict:
@@ -389,7 +424,7 @@ LOADER_STREAMED = "finetune's loader alone (no model), streaming"
 
 
 def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: int = 3, log=print,
-            timm_train: Path | None = None) -> dict:
+            timm_train: Path | None = None, budget_s: float = 0.0) -> dict:
     """Every contender, `rounds` alternating rounds of the two pairs, then the 5x set once (the suite's entry)."""
     steps = steps or (40 if quick else 150)
     base, many = make_sets(data, 600 if quick else 5990, with_many=not GPU)  # the memory check is the CPU run's
@@ -405,7 +440,7 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
     if timm_train:
         pairs.append((TIMM_STREAMED, lambda: run_timm_train(timm_train, base, steps, workers)))
     if GPU:
-        return measure_gpu(base, steps, rounds, workers, pairs, timm_train, log)
+        return measure_gpu(base, steps, rounds, workers, pairs, timm_train, log, budget_s)
     runs: dict[str, list[dict]] = {name: [] for name, _ in pairs}
     for r in range(rounds):  # alternating, so a slow spell of the shared machine hits both sides
         for name, run in pairs:
@@ -449,14 +484,33 @@ GPU_VARIANTS = {
 GPU_WORKER_COUNTS = (2, 4, 8, 12)
 
 
+# GPU diagnostics of what a fast loop does there (the plain loop, streaming, one knob at a time, then three at once),
+# and finetune with Lightning's per-hook timings (the report is in --log).
+GPU_PLAIN_KNOBS = {
+    "plain loop, streaming, + cuDNN autotuning": "benchmark",
+    "plain loop, streaming, + timm's PrefetchLoader (uint8, side stream)": "prefetch",
+    "plain loop, streaming, loss read each step instead of a device sync": "item",
+    "plain loop, streaming, no per-step wait": "nosync",
+    "plain loop, streaming, + autotuning, PrefetchLoader, no per-step wait": "benchmark,prefetch,nosync",
+}
+GPU_PROFILED = "finetune, streaming, Lightning's simple profiler (trainer.profiler=simple)"
+
+
 def measure_gpu(base: Path, steps: int, rounds: int, workers: int, pairs: list, timm_train: Path | None,
-                log=print) -> dict:
-    """The GPU run, in order of what matters if time runs out (each row is logged as it lands): one round of the
-    contenders, the loader alone, the one-setting variants, the worker counts, then the further rounds."""
+                log=print, budget_s: float = 0.0) -> dict:
+    """The GPU run, in order of what matters if time runs out (each row is logged as it lands; past ``budget_s``
+    seconds, when given, the rows not started are listed as skipped): one round of the streaming contenders
+    (finetune, timm, the plain loop), the plain loop's knobs, finetune profiled, the in-memory pair, the loader
+    alone, the one-setting variants, the worker counts, then the further rounds."""
     runs: dict[str, list[dict]] = {name: [] for name, _ in pairs}
     extra: dict[str, dict] = {}
+    skipped: list[str] = []
+    started = time.monotonic()
 
-    def timed(name: str, run, *args) -> dict:
+    def timed(name: str, run, *args) -> dict | None:
+        if budget_s and time.monotonic() - started > budget_s:
+            skipped.append(name)
+            return None
         with GpuSampler() as gpu:
             try:
                 row = run(*args)
@@ -466,30 +520,39 @@ def measure_gpu(base: Path, steps: int, rounds: int, workers: int, pairs: list, 
         log(f"ROW {json.dumps({'name': name, **row})}")
         return row
 
-    def one_round() -> None:
+    def round_of(names: tuple[str, ...]) -> None:
         for name, run in pairs:
-            runs[name].append(timed(name, run))
+            if name in names and (row := timed(name, run)) is not None:
+                runs[name].append(row)
 
-    one_round()
+    def one_off(name: str, run, *args) -> None:
+        if (row := timed(name, run, *args)) is not None:
+            extra[name] = row
+
+    streaming, in_memory = (STREAMED, TIMM_STREAMED, PLAIN_STREAMED), (IN_MEMORY, PLAIN_IN_MEMORY)
+    round_of(streaming)
+    for name, knobs in GPU_PLAIN_KNOBS.items():
+        one_off(name, run_plain, base, steps, True, workers, knobs)
+    one_off(GPU_PROFILED, run_finetune, base, steps, True, ("trainer.profiler=simple",))
+    round_of(in_memory)
     for name, stream in ((LOADER_IN_MEMORY, False), (LOADER_STREAMED, True)):
-        extra[name] = timed(name, run_loader, base, max(steps, 3 * SKIP), stream, workers)
+        one_off(name, run_loader, base, max(steps, 3 * SKIP), stream, workers)
     for name, overrides in GPU_VARIANTS.items():
-        auto = "data.batch_size=auto" in overrides  # batches of up to 1024: fewer steps see as many images
-        extra[name] = timed(name, run_finetune, base, max(3 * SKIP, steps // 4) if auto else steps, False, overrides)
+        auto = "data.batch_size=auto" in overrides  # larger batches: fewer steps see as many images
+        one_off(name, run_finetune, base, max(3 * SKIP, steps // 4) if auto else steps, False, overrides)
     for n in GPU_WORKER_COUNTS:
-        name = f"{LOADER_STREAMED}, {n} workers"
-        extra[name] = timed(name, run_loader, base, max(steps, 3 * SKIP), True, n)
+        one_off(f"{LOADER_STREAMED}, {n} workers", run_loader, base, max(steps, 3 * SKIP), True, n)
     for _ in range(rounds - 1):
-        one_round()
+        round_of(streaming + in_memory)
     rows = {name: {**max(done, key=lambda d: d["images_per_s"]),
-                   "rounds_images_per_s": [d["images_per_s"] for d in done]} for name, done in runs.items()} | extra
+                   "rounds_images_per_s": [d["images_per_s"] for d in done]} for name, done in runs.items() if done}
+    rows |= extra
+    ratios = {"ratio_in_memory": (IN_MEMORY, PLAIN_IN_MEMORY), "ratio_streaming": (STREAMED, PLAIN_STREAMED),
+              "ratio_timm": (STREAMED, TIMM_STREAMED), "ratio_timm_default": (IN_MEMORY, TIMM_STREAMED)}
     return {"set": base.name, "train_files": sum(1 for _ in (base / "train").rglob("*.png")), "steps": steps,
             "batch": BATCH, "image_size": SIZE, "precision": "bf16", "cpus": os.cpu_count(), "rounds": rounds,
-            "rows": rows, "gpu": _gpu_name(), "timm_train": _timm_note(timm_train),
-            "ratio_in_memory": _ratio(rows, IN_MEMORY, PLAIN_IN_MEMORY),
-            "ratio_streaming": _ratio(rows, STREAMED, PLAIN_STREAMED),
-            **({"ratio_timm": _ratio(rows, STREAMED, TIMM_STREAMED),
-                "ratio_timm_default": _ratio(rows, IN_MEMORY, TIMM_STREAMED)} if timm_train else {})}
+            "rows": rows, "skipped": skipped, "gpu": _gpu_name(), "timm_train": _timm_note(timm_train),
+            **{key: _ratio(rows, a, b) for key, (a, b) in ratios.items() if a in rows and b in rows}}
 
 
 def gpu_table(result: dict) -> list[str]:
@@ -507,11 +570,16 @@ def gpu_table(result: dict) -> list[str]:
                    f"{r.get('gpu_util_mean_busy', '?')}% | {r.get('gpu_memory_max_gb', '?')} |")
     ratios = [f"{k}: {v['fastest']:.2f}x (paired {v['paired']:.2f}x)" if v["fastest"] else f"{k}: failed"
               for k, v in result.items() if k.startswith("ratio_")]
-    default = result["rows"][IN_MEMORY]["images_per_s"]
+    default = result["rows"].get(IN_MEMORY, {}).get("images_per_s")
     variants = [f"{name.split(', ', 2)[-1]}: {result['rows'][name]['images_per_s'] / default:.2f}x"
                 for name in GPU_VARIANTS if name in result["rows"] and default]
+    plain = result["rows"].get(PLAIN_STREAMED, {}).get("images_per_s")
+    knobs = [f"{name.split(', ', 2)[-1]}: {result['rows'][name]['images_per_s'] / plain:.2f}x"
+             for name in GPU_PLAIN_KNOBS if name in result["rows"] and plain]
     return [*out, "", "finetune / other: " + ", ".join(ratios), "",
-            "one setting changed / finetune's default in memory: " + ", ".join(variants)]
+            "one setting changed / finetune's default in memory: " + ", ".join(variants), "",
+            "the plain loop with a knob / without: " + ", ".join(knobs), "",
+            "skipped (time budget): " + (", ".join(result.get("skipped") or []) or "none")]
 
 
 def write_benchmarks(result: dict, path: Path) -> None:
@@ -551,6 +619,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each pair (default 3)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "bench")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--budget-s", type=float, default=0.0, help="--gpu: start no row after this many seconds "
+                        "(the results so far are still written); 0: no limit")
+    parser.add_argument("--log", type=Path, help="append every finetune contender's output (log, profiler) here")
     parser.add_argument("--timm-train", type=Path, help="a copy of timm's train.py to compare (or TIMM_TRAIN_PY)")
     parser.add_argument("--write", action="store_true", help="rewrite the large-data rows and section of "
                         "BENCHMARKS.md from this run (or from --from)")
@@ -561,7 +632,10 @@ def main() -> None:
     if args.source:
         result = json.loads(args.source.read_text())
     else:
-        result = measure(args.data, args.quick, args.steps, args.rounds, timm_train=args.timm_train)
+        if args.log:
+            os.environ["SCALE_LOG"] = str(args.log)
+        result = measure(args.data, args.quick, args.steps, args.rounds, timm_train=args.timm_train,
+                         budget_s=args.budget_s)
         result |= {"date": time.strftime("%Y-%m-%d"), "commit": _commit()}
         print(json.dumps(result, indent=2))
     if args.out:
