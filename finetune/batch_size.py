@@ -173,12 +173,15 @@ def this_process_device() -> torch.device:
 
 
 def auto_batch_size(backbone: str, num_classes: int, image_size: int, precision: str, channels_last: bool,
-                    device_kind: str, n_train: int | None, seen: int | None, run_id: str | None) -> tuple[int, str]:
+                    device_kind: str, n_train: int, seen: int | None, run_id: str | None) -> tuple[int, str]:
     """(batch size, why) for ``data.batch_size=auto``. A DDP process that Lightning launched takes rank 0's
     choice from its environment; under torchrun or SLURM each process probes its own GPU (the same model of GPU
-    gives the same answer, and ``BatchSizeAgreement`` stops the run with a clear error if ranks differ)."""
+    gives the same answer, and ``distributed.SameBatchSizeOnEveryRank`` stops the run with one clear error if the
+    ranks differ). Rank 0 always probes: each job of a sweep in one process gets its own answer."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     shared = os.environ.get(SHARED_ENV, "")
-    if run_id and shared.startswith(f"{run_id}:"):
+    if rank_zero_only.rank != 0 and run_id and shared.startswith(f"{run_id}:"):
         batch, why = shared[len(run_id) + 1:].split(":", 1)
         return int(batch), why
     if device_kind != "gpu":
@@ -193,6 +196,6 @@ def auto_batch_size(backbone: str, num_classes: int, image_size: int, precision:
         probe = probe_device(backbone, num_classes, image_size, precision, channels_last, device)
         batch, why = batch_from_probe(probe, n_train, seen)
         why = f"{torch.cuda.get_device_name(device)}: {why}"
-    if run_id:
+    if run_id and rank_zero_only.rank == 0:
         os.environ[SHARED_ENV] = f"{run_id}:{batch}:{why}"
     return batch, why
