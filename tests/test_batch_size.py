@@ -149,3 +149,19 @@ def test_ddp_ranks_with_different_batches_stop_together_with_one_clear_error(tmp
     assert result.returncode != 0
     assert "chose different batch sizes ([32, 64], by rank)" in result.stderr, result.stderr[-3000:]
     assert "Set data.batch_size=32" in result.stderr
+
+
+def test_only_other_ranks_take_rank_zeros_choice_from_the_environment(monkeypatch):
+    """Lightning's DDP children inherit rank 0's choice; rank 0 itself always decides, so a second job of a sweep
+    in the same process (same run id) is not handed the first job's batch."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from finetune.batch_size import SHARED_ENV, auto_batch_size
+
+    monkeypatch.setenv(SHARED_ENV, "run-1:64:rank 0 probed an H200")
+    args = ("tf_efficientnet_lite0", 10, 64, "32-true", True, "cpu", 10_000, None, "run-1")
+    assert auto_batch_size(*args)[0] == 32  # rank 0 on a CPU: its own answer, and it shares it
+    monkeypatch.setenv(SHARED_ENV, "run-1:64:rank 0 probed an H200")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert auto_batch_size(*args) == (64, "rank 0 probed an H200")
+    assert auto_batch_size(*args[:-1], "run-2")[0] == 32  # another run's choice is not taken
