@@ -38,7 +38,7 @@ MAX_BATCH = 1024
 MIN_STEPS_PER_EPOCH = 16
 # Optimizer steps the whole run keeps when its images are fixed (recipe=auto's budget, or trainer.max_epochs).
 # Zero-config on Fashion-MNIST 1,000/class (937 steps at batch 32), sqrt LR: -0.005 at 468 steps, -0.008 at 234
-# (3 seeds), -0.017 at 117, -0.06 at 58; glyphs and Fashion-MNIST 200/class lost nothing at 83-156 steps
+# (3 seeds each), -0.017 at 117, -0.06 at 58; glyphs and Fashion-MNIST 200/class lost nothing at 83-156 steps
 # (BENCHMARKS.md, "data.batch_size=auto"). 500 keeps the cost on the most step-hungry set near 0.005.
 MIN_RUN_STEPS = 500
 # How the LR follows auto's batch unless lr_scaling is given: sqrt (for Adam-type optimizers, as recipe=auto's
