@@ -117,19 +117,16 @@ def precision_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if text.startswith("bf16") else torch.float16 if text.startswith("16") else None
 
 
-def peak_training_memory(backbone: str, num_classes: int, image_size: int, dtype: torch.dtype | None,
-                         channels_last: bool, batch: int, device: torch.device) -> tuple[int, int]:
-    """(peak bytes allocated during one forward and backward pass at ``batch``, the parameters' bytes)."""
-    import timm
+def peak_training_memory(model: torch.nn.Module, num_classes: int, image_size: int, dtype: torch.dtype | None,
+                         layout: torch.memory_format, batch: int, device: torch.device) -> int:
+    """Peak bytes allocated during one forward and backward pass of ``model`` (on ``device``) at ``batch``; its
+    gradients are freed before and after, so each call starts from the same state."""
     import torch
     import torch.nn.functional as F
 
-    model = timm.create_model(backbone, pretrained=False, num_classes=num_classes).to(device)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=layout).train()
+    model.zero_grad(set_to_none=True)
     images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
     labels = torch.randint(num_classes, (batch,), device=device)
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -137,29 +134,40 @@ def peak_training_memory(backbone: str, num_classes: int, image_size: int, dtype
             loss = F.cross_entropy(model(images).float(), labels)
         loss.backward()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device), parameter_bytes
+        return torch.cuda.max_memory_allocated(device)
     finally:
-        del model, images, labels
+        del images, labels
+        model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
 
 
 def probe_device(backbone: str, num_classes: int, image_size: int, precision: str, channels_last: bool,
                  device: torch.device) -> MemoryProbe:
-    """Two training steps at two batch sizes on ``device`` (a smaller pair when the first runs out of memory)."""
+    """Two training steps at two batch sizes on ``device`` (a smaller pair when the first runs out of memory), on
+    one model built for them."""
+    import timm
     import torch
 
     dtype = precision_dtype(precision)
-    for small, large in PROBE_BATCHES:
-        try:
-            small_peak, parameter_bytes = peak_training_memory(backbone, num_classes, image_size, dtype,
-                                                               channels_last, small, device)
-            large_peak, _ = peak_training_memory(backbone, num_classes, image_size, dtype, channels_last, large,
-                                                 device)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            continue
-        total = torch.cuda.get_device_properties(device).total_memory
-        return MemoryProbe(small, small_peak, large, large_peak, total, parameter_bytes)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = None
+    try:
+        model = timm.create_model(backbone, pretrained=False, num_classes=num_classes).to(device)
+        model = model.to(memory_format=layout).train()
+        parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for small, large in PROBE_BATCHES:
+            try:
+                small_peak, large_peak = (peak_training_memory(model, num_classes, image_size, dtype, layout, batch,
+                                                               device) for batch in (small, large))
+            except torch.cuda.OutOfMemoryError:
+                continue
+            total = torch.cuda.get_device_properties(device).total_memory
+            return MemoryProbe(small, small_peak, large, large_peak, total, parameter_bytes)
+    except torch.cuda.OutOfMemoryError:
+        pass  # the model alone does not fit: the error below
+    finally:
+        del model
+        torch.cuda.empty_cache()
     raise FinetuneError(f"data.batch_size=auto: {backbone} at {image_size} px does not train at batch "
                         f"{PROBE_BATCHES[-1][1]} in {device}'s memory. Use a smaller model.backbone or "
                         f"data.image_size.")
