@@ -195,7 +195,7 @@ class NonFiniteLossStop(Callback):
     def __init__(self, checkpoint_dir: str | Path | None = None, lagged: bool | None = None):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.lagged = lagged
-        self._pending: tuple[torch.Tensor, torch.Tensor, int, int, int, dict[str, float]] | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -203,8 +203,7 @@ class NonFiniteLossStop(Callback):
         if loss is None:
             return
         loss = loss.detach()
-        step = (torch.isfinite(loss).all(), loss, trainer.current_epoch, trainer.global_step, batch_idx,
-                _group_lrs(trainer))
+        step = (torch.isfinite(loss).all(), loss, trainer.current_epoch, trainer.global_step, batch_idx)
         lagged = self.lagged if self.lagged is not None else loss.device.type == "cuda"
         previous, self._pending = (self._pending, step) if lagged else (step, None)
         if previous is not None:
@@ -228,12 +227,13 @@ class NonFiniteLossStop(Callback):
         self._flush(trainer)
 
     def _check(self, trainer: L.Trainer, finite: torch.Tensor, loss: torch.Tensor, epoch: int, global_step: int,
-               batch_idx: int, lrs: dict[str, float]) -> None:
+               batch_idx: int) -> None:
         if bool(finite):
             return
         from finetune.errors import FinetuneError
 
-        lrs = dict(sorted(lrs.items(), key=lambda kv: kv[0] != "head"))  # the head's LR first
+        # read now, not stored every step (lagged: a per-step schedule may have moved them by one step since)
+        lrs = dict(sorted(_group_lrs(trainer).items(), key=lambda kv: kv[0] != "head"))  # the head's LR first
         shown = ", ".join(f"{k} {v:.3g}" for k, v in list(lrs.items())[:6]) + (" ..." if len(lrs) > 6 else "")
         last = self.checkpoint_dir / "last.ckpt" if self.checkpoint_dir else None
         kept = (f"The last good checkpoint is {last} (end of epoch {epoch}); continue from it with "
