@@ -400,6 +400,21 @@ def _commit() -> str:
                                                   else "")
 
 
+def _fastest_rounds(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each contender's fastest round (interference on a shared machine only ever slows a run), with every round's
+    images/s; contenders with no round left out."""
+    return {name: {**max(done, key=lambda d: d["images_per_s"]),
+                   "rounds_images_per_s": [d["images_per_s"] for d in done]} for name, done in runs.items() if done}
+
+
+def _ratios(rows: dict) -> dict:
+    """finetune against the loop in memory and streaming, and against timm's script streaming (like for like: both
+    decode every file) and as each runs by default; only the pairs whose two rows are there."""
+    pairs = {"ratio_in_memory": (IN_MEMORY, PLAIN_IN_MEMORY), "ratio_streaming": (STREAMED, PLAIN_STREAMED),
+             "ratio_timm": (STREAMED, TIMM_STREAMED), "ratio_timm_default": (IN_MEMORY, TIMM_STREAMED)}
+    return {key: _ratio(rows, a, b) for key, (a, b) in pairs.items() if a in rows and b in rows}
+
+
 def _ratio(rows: dict, ours: str, theirs: str) -> dict:
     """finetune / the other's images/s: of the fastest rounds, of the medians, and paired by round (the rounds
     alternate, so a round's two runs shared the machine's state): the mean of the per-round ratios and its
@@ -445,16 +460,12 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
     runs: dict[str, list[dict]] = {name: [] for name, _ in pairs}
     for r in range(rounds):  # alternating, so a slow spell of the shared machine hits both sides
         for name, run in pairs:
-            with GpuSampler() as gpu:
-                runs[name].append(run())
-            runs[name][-1] |= gpu.summary()
+            runs[name].append(run())
             log(f"scale round {r + 1}, {name}: {runs[name][-1]['images_per_s']} images/s")
-    # The fastest round of each (interference on a shared machine only ever slows a run), with every round's
-    rows = {name: {**max(done, key=lambda d: d["images_per_s"]),
-                   "rounds_images_per_s": [d["images_per_s"] for d in done]} for name, done in runs.items()}
+    rows = _fastest_rounds(runs)
     # What the input pipeline alone delivers (no model), once each: above the training images/s, it is not the limit
     for name, stream in ((LOADER_IN_MEMORY, False), (LOADER_STREAMED, True)):
-        rows[name] = run_loader(base, max(steps, 3 * SKIP), stream, workers if (stream or GPU) else 0)
+        rows[name] = run_loader(base, max(steps, 3 * SKIP), stream, workers if stream else 0)
         log(f"scale {name}: {rows[name]['images_per_s']} images/s")
     train_files = sum(1 for _ in (base / "train").rglob("*.png"))
     rows[f"{STREAMED}, {many.name}"] = run_finetune(many, steps, stream=True)
@@ -463,11 +474,7 @@ def measure(data: Path, quick: bool = False, steps: int | None = None, rounds: i
         "set": base.name, "many_set": many.name, "train_files": train_files,
         "many_files": train_files * len(SIZES_X5), "steps": steps, "batch": BATCH, "image_size": SIZE,
         "cpus": os.cpu_count(), "rounds": rounds, "rows": rows,
-        "timm_train": _timm_note(timm_train),
-        "ratio_in_memory": _ratio(rows, IN_MEMORY, PLAIN_IN_MEMORY),
-        "ratio_streaming": _ratio(rows, STREAMED, PLAIN_STREAMED),
-        **({"ratio_timm": _ratio(rows, STREAMED, TIMM_STREAMED),  # like for like: both decode every file
-            "ratio_timm_default": _ratio(rows, IN_MEMORY, TIMM_STREAMED)} if timm_train else {}),  # as each runs
+        "timm_train": _timm_note(timm_train), **_ratios(rows),
         "rss_many_over_base": round(rows[f"{STREAMED}, {many.name}"]["peak_rss_gb"]["process"]
                                     / rows[STREAMED]["peak_rss_gb"]["process"], 3),
     }
@@ -479,7 +486,7 @@ GPU_VARIANTS = {
     "finetune, in memory, fp32 (trainer.precision=32-true)": ("trainer.precision=32-true",),
     "finetune, in memory, NCHW (model.channels_last=false)": ("model.channels_last=false",),
     "finetune, in memory, cuDNN autotuning off (trainer.benchmark=false)": ("trainer.benchmark=false",),
-    # lr_scaling=none: 200 steps measure speed, and the linear rule's 32x LR at batch 1024 is a question of accuracy
+    # lr_scaling=none: 50 steps measure speed; how the LR should follow a batch of up to 1024 is a question of accuracy
     "finetune, in memory, data.batch_size=auto": ("data.batch_size=auto", "lr_scaling=none"),
 }
 GPU_WORKER_COUNTS = (2, 4, 8, 12)
@@ -545,15 +552,11 @@ def measure_gpu(base: Path, steps: int, rounds: int, workers: int, pairs: list, 
         one_off(f"{LOADER_STREAMED}, {n} workers", run_loader, base, max(steps, 3 * SKIP), True, n)
     for _ in range(rounds - 1):
         round_of(streaming + in_memory)
-    rows = {name: {**max(done, key=lambda d: d["images_per_s"]),
-                   "rounds_images_per_s": [d["images_per_s"] for d in done]} for name, done in runs.items() if done}
-    rows |= extra
-    ratios = {"ratio_in_memory": (IN_MEMORY, PLAIN_IN_MEMORY), "ratio_streaming": (STREAMED, PLAIN_STREAMED),
-              "ratio_timm": (STREAMED, TIMM_STREAMED), "ratio_timm_default": (IN_MEMORY, TIMM_STREAMED)}
+    rows = _fastest_rounds(runs) | extra
     return {"set": base.name, "train_files": sum(1 for _ in (base / "train").rglob("*.png")), "steps": steps,
             "batch": BATCH, "image_size": SIZE, "precision": "bf16", "cpus": os.cpu_count(), "rounds": rounds,
             "rows": rows, "skipped": skipped, "gpu": _gpu_name(), "timm_train": _timm_note(timm_train),
-            **{key: _ratio(rows, a, b) for key, (a, b) in ratios.items() if a in rows and b in rows}}
+            **_ratios(rows)}
 
 
 def gpu_table(result: dict) -> list[str]:
