@@ -31,7 +31,14 @@ from finetune.models.heads import lbfgs_head_note, warm_start_head
 from finetune.models.module import FeatureHeadClassifier, ImageClassifier, Recipe
 from finetune.policy.choose import choose_policy, format_policy_block
 from finetune.policy.stages import build_stage_map
-from finetune.recipe.auto import RecipeDecision, after_measurement, before_measurement, device_kind, format_recipe_block
+from finetune.recipe.auto import (
+    RecipeDecision,
+    after_measurement,
+    before_measurement,
+    device_kind,
+    format_recipe_block,
+    images_of_given_length,
+)
 from finetune.recipe.regularization import Regularization
 from finetune.resume import ResumePoint, choice_from_record, typed_paths, with_values
 
@@ -88,10 +95,9 @@ def with_auto_batch_size(cfg: DictConfig) -> DictConfig:
     index = scan_dataset(cfg.data.root, float(cfg.data.val_fraction), cfg.data.test_fraction, cfg.data.split_seed,
                          task=str(cfg.task))
     size = int(cfg.data.image_size or pretrained_input_size(cfg.model.backbone))
-    n_train, epochs = len(index.splits["train"]), int(cfg.trainer.max_epochs or 0)
-    # a fixed number of steps (trainer.max_steps) or no epoch limit: a larger batch sees more images, not fewer steps
-    seen = n_train * epochs if int(cfg.trainer.max_steps) < 0 and epochs > 0 else None
-    batch, why = auto_batch_rule(cfg, len(index.classes))(size, bool(cfg.model.channels_last), n_train, seen)
+    n_train = len(index.splits["train"])
+    batch, why = auto_batch_rule(cfg, len(index.classes))(size, bool(cfg.model.channels_last), n_train,
+                                                            images_of_given_length(cfg, n_train))
     log.info("data.batch_size=auto -> %d: %s", batch, why)
     values: dict[str, Any] = {"data.batch_size": batch}
     given = typed_paths(cfg)

@@ -166,3 +166,11 @@ def test_only_other_ranks_take_rank_zeros_choice_from_the_environment(monkeypatc
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     assert auto_batch_size(*args) == (64, "rank 0 probed an H200")
     assert auto_batch_size(*args[:-1], "run-2")[0] == 32  # another run's choice is not taken
+
+
+def test_the_images_a_given_length_fixes_count_epochs_only_when_the_steps_are_free():
+    from finetune.recipe.auto import images_of_given_length
+
+    assert images_of_given_length(make_cfg(["trainer.max_epochs=4"]), 1000) == 4000
+    assert images_of_given_length(make_cfg(["trainer.max_epochs=4", "trainer.max_steps=100"]), 1000) is None
+    assert images_of_given_length(make_cfg(["trainer.max_epochs=-1", "trainer.max_time=00:01:00:00"]), 1000) is None

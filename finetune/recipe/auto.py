@@ -219,6 +219,13 @@ def planned_images(n_train: int, device: str, rules: Mapping[str, Any], size: in
     return round(images) if images is not None else epochs_rule(n_train, device, rules, size)[0] * n_train
 
 
+def images_of_given_length(cfg: DictConfig, n_train: int) -> int | None:
+    """The images a run of ``trainer.max_epochs`` passes sees; None when ``trainer.max_steps`` fixes the steps
+    instead (a larger batch then sees more images, not fewer steps) or there is no epoch limit."""
+    epochs = int(cfg.trainer.max_epochs or 0)
+    return n_train * epochs if int(cfg.trainer.max_steps) < 0 and epochs > 0 else None
+
+
 def step_budget_rule(n_train: int, device: str, rules: Mapping[str, Any], size: int,
                      batch: int) -> tuple[int, int, str] | None:
     """Large data: (max_epochs, max_steps, why) when ``min_epochs`` passes would cost more than ``max_stretch``
@@ -299,13 +306,9 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int, batch_rule: B
     choose("model.channels_last", True, "NHWC memory layout: the same results 1.3x faster on a CPU (BENCHMARKS.md), "
                                         "and the layout convolutions run fastest in on GPUs")
     batch = None
+    length_given = given("trainer.max_epochs") or given("trainer.max_steps")
     if cfg.data.batch_size == "auto" and batch_rule is not None:  # asked for: a choice, though the key was given
-        if given("trainer.max_steps"):  # a fixed number of steps: a larger batch sees more images, not fewer steps
-            seen = None
-        elif given("trainer.max_epochs"):
-            seen = int(cfg.trainer.max_epochs) * n_train if int(cfg.trainer.max_epochs or 0) > 0 else None
-        else:
-            seen = planned_images(n_train, device, rules, size)
+        seen = images_of_given_length(cfg, n_train) if length_given else planned_images(n_train, device, rules, size)
         batch, why = batch_rule(size, bool(values.get("model.channels_last", cfg.model.channels_last)), n_train,
                                 seen)
         values["data.batch_size"] = batch
@@ -315,7 +318,6 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int, batch_rule: B
                                                       f"lr_scaling")
         choose("lr_scaling", LR_SCALING, LR_SCALING_WHY)
     steps = None
-    length_given = given("trainer.max_epochs") or given("trainer.max_steps")
     by_steps = None if length_given else step_budget_rule(n_train, device, rules, size, global_batch(cfg, batch))
     if by_steps:
         epochs, steps, why = by_steps
