@@ -238,10 +238,9 @@ class ImageClassifier(L.LightningModule):
         if factor != 1 and not isinstance(optimizer, torch.optim.LBFGS):  # L-BFGS: its line search sets the step
             for group in optimizer.param_groups:
                 group["lr"] *= factor
-            times = self.trainer.world_size * self.trainer.accumulate_grad_batches * self.recipe.batch_over_reference
             rank_zero_info(f"Learning rates x{factor:g} (lr_scaling={self.recipe.lr_scaling}): the global batch is "
-                           f"{times:g} x " + ("data.batch_size" if self.recipe.batch_over_reference == 1
-                                               else "lr_reference_batch"))
+                           f"{self.batch_multiple():g} x " + ("data.batch_size" if self.recipe.batch_over_reference == 1
+                                                              else "lr_reference_batch"))
         options = dict(self.recipe.scheduler_options)
         monitor = str(options.get("monitor") or "")
         if self.eval_stage != "val" and monitor.startswith("val/"):  # no validation split: follow what is logged
@@ -274,12 +273,15 @@ class ImageClassifier(L.LightningModule):
         device's ``data.batch_size``, or ``lr_reference_batch``; the global batch is k times that): linear k
         (Goyal et al. 2017), sqrt(k) (the usual rule for adaptive optimizers), or none. 1 on a single device at
         the reference batch."""
-        ratio = self.recipe.batch_over_reference
-        if self._trainer is None:  # built outside a fit (tests, inspection): one device
-            k = ratio
-        else:
-            k = self.trainer.world_size * self.trainer.accumulate_grad_batches * ratio
+        k = self.batch_multiple()
         return {"linear": float(k), "sqrt": float(k) ** 0.5}.get(self.recipe.lr_scaling, 1.0)
+
+    def batch_multiple(self) -> float:
+        """The global batch over the batch the LR was set for: processes x accumulated batches x
+        data.batch_size / lr_reference_batch (one process outside a fit: tests, inspection)."""
+        if self._trainer is None:
+            return self.recipe.batch_over_reference
+        return self.trainer.world_size * self.trainer.accumulate_grad_batches * self.recipe.batch_over_reference
 
     def _lbfgs_parameters(self) -> list[torch.nn.Parameter]:
         """L-BFGS takes one group with a fixed parameter set: what trains from the first epoch."""
