@@ -24,9 +24,9 @@ Every split is drawn with a fixed seed, so a rebuild gives the same files.
 - ``clipart``: the large colour set. The Open Clip Art Library's PNG release (Debian ``openclipart-png``,
   public domain), its 12 largest top-level categories as classes (animals, food, people, transportation,
   recreation, computer, signs_and_symbols, shapes, tools, office, geography, plants), every picture of a
-  category's subfolders in it; a picture whose bytes appear in two categories is left out (481 such groups:
-  the library files some drawings twice), a copy within one category kept once, pictures over 100
-  megapixels skipped (three exceed PIL's decompression-bomb limit). At most 400 per class (seeded), 30% per
+  category's subfolders in it; a picture whose pixels (once shrunk) appear in two categories is left out
+  (the library files some drawings twice, under several names and sizes), a copy within one category kept
+  once, pictures over 100 megapixels (three exceed PIL's decompression-bomb limit) or under 16 px skipped. At most 400 per class (seeded), 30% per
   class held out for test; transparent parts on white, longest side at most 256 px. Classes are the
   library's own filing, so some are broad (recreation holds cards, music and sport) and some overlap in
   look (signs vs transportation's road signs): a noisy real task, 43-280 training images per class (1,907 train, 903 test).
@@ -356,33 +356,41 @@ CLIPART_CLASSES = ("animals", "food", "people", "transportation", "recreation", 
 
 
 def write_clipart(out: Path, seed: int = 0, per_class: int = 400, test_frac: float = 0.3, max_side: int = 256,
-                  max_pixels: int = 100_000_000) -> None:
+                  max_pixels: int = 100_000_000, min_side: int = 16) -> None:
     import hashlib
 
     if not CLIPART_ROOT.is_dir():
         raise _missing(f"the Open Clip Art Library's PNGs ({CLIPART_ROOT})", "apt-get install openclipart-png")
-    by_digest: dict[str, dict[str, Path]] = {}  # bytes -> category -> first file (sorted order)
+    Image.MAX_IMAGE_PIXELS = None  # sizes are checked from the header, before any decoding
+    # Pictures as they will be written (on white, shrunk), keyed by their pixels: the library holds the same
+    # drawing under several file names and sizes, which would leak between train and test once shrunk.
+    by_pixels: dict[str, dict[str, tuple[Path, Image.Image]]] = {}  # pixels -> category -> first (sorted order)
     for label in CLIPART_CLASSES:
         for path in sorted((CLIPART_ROOT / label).rglob("*.png")):
-            by_digest.setdefault(hashlib.sha1(path.read_bytes()).hexdigest(), {}).setdefault(label, path)
-    files: dict[str, list[Path]] = {label: [] for label in CLIPART_CLASSES}
-    for where in by_digest.values():
+            with Image.open(path) as probe:
+                size = probe.size
+            if np.prod(size) > max_pixels or min(size) < min_side:
+                continue
+            img = _on_white(Image.open(path))
+            img.thumbnail((max_side, max_side), Image.LANCZOS)
+            digest = hashlib.sha1(img.tobytes() + str(img.size).encode()).hexdigest()
+            by_pixels.setdefault(digest, {}).setdefault(label, (path, img))
+    found: dict[str, list[tuple[Path, Image.Image]]] = {label: [] for label in CLIPART_CLASSES}
+    for where in by_pixels.values():
         if len(where) == 1:  # filed under one category only: its label is not in doubt
-            (label, path), = where.items()
-            files[label].append(path)
+            (label, item), = where.items()
+            found[label].append(item)
     rng = np.random.default_rng(seed)
-    Image.MAX_IMAGE_PIXELS = None  # sizes are checked below, from the header, before any decoding
     for label in CLIPART_CLASSES:
-        found = sorted(p for p in files[label] if np.prod(Image.open(p).size) <= max_pixels)
-        order = rng.permutation(len(found))[:per_class]
+        items = sorted(found[label], key=lambda item: str(item[0]))
+        order = rng.permutation(len(items))[:per_class]
         n_test = _n_test(len(order), test_frac)
         for split, part in (("test", order[:n_test]), ("train", order[n_test:])):
             folder = out / split / label
             folder.mkdir(parents=True, exist_ok=True)
             for i in part:
-                img = _on_white(Image.open(found[i]))
-                img.thumbnail((max_side, max_side), Image.LANCZOS)
-                img.save(folder / f"{i:04d}_{found[i].stem[:40]}.png")
+                path, img = items[i]
+                img.save(folder / f"{i:04d}_{path.stem[:40]}.png")
 
 
 WRITERS = {"stamps": write_stamps, "emoji-objects": write_emoji, "glyphs": write_glyphs,
