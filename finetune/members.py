@@ -160,7 +160,7 @@ def output_probabilities(module, logits: torch.Tensor) -> torch.Tensor:
 
 
 def _why_unreadable(path: str, error: str) -> str:
-    """'kind: detail' as training's data check reports it (zero_byte, not_image, truncated, corrupt)."""
+    """'kind: detail' as training's data check reports it (zero_byte, not_image, truncated, corrupt, too_large)."""
     from finetune.data.file_checks import check_file
 
     result = check_file(path)

@@ -283,6 +283,31 @@ def test_dangling_symlink_and_fifo_are_listed_as_bad_files(tmp_path):
     assert "dangling symlink" in entry["detail"] and "was_here.jpg" in entry["detail"]
 
 
+def _huge_png(path: Path, side: int = 15000) -> None:
+    """A valid black 1-bit PNG of side x side pixels (225 megapixels in ~30 KB): over PIL's decompression-bomb
+    limit (2 x Image.MAX_IMAGE_PIXELS, 179 megapixels), as a scanned map or a stitched panorama can be."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(bytes(side * (1 + side // 8)), 9)  # each row: filter byte 0, then side/8 bytes of 1-bit
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def test_an_image_too_large_to_decode_safely_is_named_so_not_corrupt(tmp_path):
+    root = tmp_path / "images"
+    _images(root, 3)
+    huge = root / "circle" / "scan.png"
+    _huge_png(huge)
+    _, report = validate_dataset(scan_dataset(root, val_fraction=0.0))
+    assert _kinds(report.problems)[str(huge)] == ["too_large"] and str(huge) in report.skipped
+    (entry,) = [p for p in report.problems if p["path"] == str(huge)]
+    assert "225 megapixels, over PIL's limit of 179" in entry["detail"] and "smaller copy" in entry["detail"]
+
+
 def test_images_next_to_class_folders_are_reported_not_dropped_silently(tmp_path, caplog):
     root = tmp_path / "images"
     _images(root, 2)

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,8 @@ from finetune.run_files import write_text
 
 log = logging.getLogger(__name__)
 
-BAD_KINDS = ("zero_byte", "not_image", "truncated", "corrupt", "too_small", "unreadable", "dangling_symlink")
+BAD_KINDS = ("zero_byte", "not_image", "truncated", "corrupt", "too_large", "too_small", "unreadable",
+             "dangling_symlink")
 CACHE_VERSION = 2  # 2: keys hold inode and ctime; read failures are not cached
 
 
@@ -80,6 +82,8 @@ def _check(path: str) -> tuple[dict[str, Any], str | None]:
             width, height = im.size
     except UnidentifiedImageError:
         return {"kind": "not_image", "detail": "not an image file (unrecognised content)", "sha1": digest}, key
+    except Image.DecompressionBombError as e:  # a real image, refused before decoding: not "corrupt"
+        return {"kind": "too_large", "detail": _too_large(str(e)), "sha1": digest}, key
     except OSError as e:
         kind = "truncated" if "truncated" in str(e).lower() or "broken data stream" in str(e).lower() else "corrupt"
         return {"kind": kind, "detail": str(e) or type(e).__name__, "sha1": digest}, key
@@ -88,9 +92,19 @@ def _check(path: str) -> tuple[dict[str, Any], str | None]:
     return {"kind": None, "width": width, "height": height, "sha1": digest}, key
 
 
+def _too_large(message: str) -> str:
+    """PIL refuses images over twice ``Image.MAX_IMAGE_PIXELS`` (a guard against decompression bombs); say so
+    and what to do, with the sizes from its message."""
+    sizes = re.findall(r"\((\d+) pixels\)|limit of (\d+) pixels", message)
+    found, limit = (int(a or b) for a, b in sizes[:2]) if len(sizes) >= 2 else (None, None)
+    size = f"{found / 1e6:,.0f} megapixels, over PIL's limit of {limit / 1e6:,.0f}" if found else message
+    return (f"too large to decode safely ({size}, a guard against decompression bombs); if the image is "
+            f"genuine, save a smaller copy: training reads a few hundred pixels per side")
+
+
 def check_file(path: str) -> dict[str, Any]:
-    """{kind: None | zero_byte | not_image | truncated | corrupt | unreadable | dangling_symlink, detail, width,
-    height, sha1}."""
+    """{kind: None | zero_byte | not_image | truncated | corrupt | too_large | unreadable | dangling_symlink,
+    detail, width, height, sha1}."""
     return _check(path)[0]
 
 def _load_cache(path: Path) -> dict[str, Any]:
