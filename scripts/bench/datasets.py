@@ -16,6 +16,8 @@
   colour stamps of everyday things; emoji of 12 object subgroups in three art styles; letters A-J
   from ~140 font families), ``train/`` and ``test/`` only, no ``val/``. Built by
   ``scripts/bench/real_sets.py``, which says where each comes from and what to install.
+- ``clipart``: the large colour set (Open Clip Art Library, 12 categories, 2,096 training images; real_sets.py);
+  ``clipart-20``: 20 of them per class (seeded), the same test split: the small colour set of that domain.
 """
 
 from __future__ import annotations
@@ -61,6 +63,20 @@ def _write_digits(out: Path, seed: int = 0) -> None:
 
 
 LONGTAIL_SOURCES = {"fmnist-longtail": "fmnist-200", "glyphs-longtail": "glyphs-all"}
+SUBSETS = {"clipart-20": ("clipart", 20)}  # the small colour set of the same domain: n training images per class
+
+
+def _write_subset(out: Path, source: Path, per_class: int, seed: int = 0) -> None:
+    """``per_class`` training images per class drawn (seeded) from ``source``; its test split as it is."""
+    import shutil
+
+    rng = np.random.default_rng(seed)
+    for folder in sorted((source / "train").iterdir()):
+        files = sorted(folder.iterdir())
+        (out / "train" / folder.name).mkdir(parents=True, exist_ok=True)
+        for i in sorted(rng.permutation(len(files))[:per_class]):
+            shutil.copy2(files[i], out / "train" / folder.name / files[i].name)
+    shutil.copytree(source / "test", out / "test")
 
 
 def _write_longtail(out: Path, source: Path, largest: int = 200, smallest: int = 5) -> None:
@@ -174,6 +190,9 @@ def build(root: Path, names: list[str]) -> dict[str, Path]:
             elif name in LONGTAIL_SOURCES:
                 source = LONGTAIL_SOURCES[name]
                 _write_longtail(out, build(root, [source])[source])
+            elif name in SUBSETS:
+                source, per_class = SUBSETS[name]
+                _write_subset(out, build(root, [source])[source], per_class)
             elif name in REAL_SETS:
                 write_real(name, out)
             elif name in COLOUR_PAIRS:
@@ -182,7 +201,7 @@ def build(root: Path, names: list[str]) -> dict[str, Path]:
             elif name in PAIRS_SIZES:
                 _write_pairs(out, PAIRS_SIZES[name], tail=PAIRS_TAIL.get(name, 1.0))
             else:
-                known = [*FMNIST_SIZES, *LONGTAIL_SOURCES, "digits", *REAL_SETS, *PAIRS_SIZES, *COLOUR_PAIRS]
+                known = [*FMNIST_SIZES, *LONGTAIL_SOURCES, *SUBSETS, "digits", *REAL_SETS, *PAIRS_SIZES, *COLOUR_PAIRS]
                 raise SystemExit(f"unknown benchmark dataset {name!r}: choose from {known}")
         folders[name] = out
     return folders
