@@ -1,9 +1,12 @@
 """The CS231n 2x2 table as code: measured size x similarity -> quadrant -> policy.
 
-|                  | similar               | different                                   |
-|------------------|-----------------------|---------------------------------------------|
-| little data      | linear_probe          | stage_probe (head on the best earlier stage) |
-| a lot of data    | partial (top stages)  | full (discriminative learning rates)        |
+|                  | similar                          | different                                   |
+|------------------|----------------------------------|---------------------------------------------|
+| little data      | partial (CS231n: linear_probe)   | stage_probe (head on the best earlier stage) |
+| a lot of data    | partial (top stages)             | full (discriminative learning rates)        |
+
+The little/similar cell departs from the lecture's linear classifier: fine-tuning the top stages measured
+higher on every set tried (BENCHMARKS.md, "The little, similar cell"), and policy.json says so.
 
 "Little" and "similar" are thresholds from ``conf/policy/*.yaml``; every decision returns the
 numbers it compared, so policy.json can show why. One refinement of the "little, different" cell: when
@@ -55,6 +58,10 @@ def decide(m: Measurements, thresholds: Mapping[str, Any], actions: Mapping[str,
     )
     reasons = [size_reason, similarity_reason]
     policy = actions[quadrant]
+    if quadrant == "small_similar" and policy == "partial":
+        reasons.append("the CS231n table's answer for little, similar data is a linear classifier; fine-tuning the "
+                       "top stages scored higher on every set measured (BENCHMARKS.md) -> small_similar=partial "
+                       "(policy.actions.small_similar=linear_probe for the table's answer)")
     last = len(m.stage_probe_acc) - 1
     refined = actions["small_different_last_stage"]
     if quadrant == "small_different" and m.best_stage is not None and m.best_stage == last and refined != policy:

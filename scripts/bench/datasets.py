@@ -63,7 +63,7 @@ def _write_digits(out: Path, seed: int = 0) -> None:
 
 
 LONGTAIL_SOURCES = {"fmnist-longtail": "fmnist-200", "glyphs-longtail": "glyphs-all"}
-SUBSETS = {"clipart-20": ("clipart", 20)}  # the small colour set of the same domain: n training images per class
+SUBSETS = {"clipart-20": ("clipart", 20), "clipart-5": ("clipart", 5)}  # small colour sets of that domain: n per class
 
 
 def _write_subset(out: Path, source: Path, per_class: int, seed: int = 0) -> None:
