@@ -6,7 +6,7 @@
 | a lot of data    | partial (top stages)             | full (discriminative learning rates)        |
 
 The little/similar cell departs from the lecture's linear classifier: fine-tuning the top stages measured
-higher on every set tried (BENCHMARKS.md, "The little, similar cell"), and policy.json says so.
+higher on average on every set tried (BENCHMARKS.md, "The little, similar cell"), and policy.json says so.
 
 "Little" and "similar" are thresholds from ``conf/policy/*.yaml``; every decision returns the
 numbers it compared, so policy.json can show why. One refinement of the "little, different" cell: when
@@ -60,7 +60,8 @@ def decide(m: Measurements, thresholds: Mapping[str, Any], actions: Mapping[str,
     policy = actions[quadrant]
     if quadrant == "small_similar" and policy == "partial":
         reasons.append("the CS231n table's answer for little, similar data is a linear classifier; fine-tuning the "
-                       "top stages scored higher on every set measured (BENCHMARKS.md) -> small_similar=partial "
+                       "top stages scored higher on average on every set measured (BENCHMARKS.md) -> "
+                       "small_similar=partial "
                        "(policy.actions.small_similar=linear_probe for the table's answer)")
     last = len(m.stage_probe_acc) - 1
     refined = actions["small_different_last_stage"]
