@@ -192,7 +192,7 @@ def test_what_the_user_set_is_kept_and_listed(tmp_path: Path):
     assert decision.kept["data.image_size"] == 32 and decision.kept["trainer.max_epochs"] == 2
     assert cfg.data.image_size == 32 and cfg.scheduler._target_.endswith("StepLR")
     assert "early_stopping" in cfg.callbacks  # step decay does not anneal to a fixed end
-    assert cfg.data.crop_pct == 1.0 and "data.crop_pct" in chosen  # the whole frame, shrunk or not (32 px input, 40 px images)
+    assert cfg.data.crop_pct == 1.0 and "data.crop_pct" in chosen  # the whole frame, shrunk (40 px -> 32) too
     # A key typed under a group keeps the whole group
     cfg, decision = _auto(image_folders(tmp_path / "imgs2", 10), "scheduler.patience=3")
     assert "scheduler" not in {c.key for c in decision.choices} and cfg.scheduler.patience == 3

@@ -4,9 +4,9 @@ The policy decides what trains; this decides the rest (input size and crop, how 
 LR decays, the LR, augmentation, whether to hold images out) for every key the user did not set, and says
 why. Two steps, because some rules need the policy measurement and some shape what it measures:
 
-- :func:`before_measurement` (data scanned, nothing loaded): input size from the images' own size (the whole frame, no centre crop)
-  and the device, training length from the data size and the budget, the schedule that follows from a known
-  length, and the holdout on the smallest data;
+- :func:`before_measurement` (data scanned, nothing loaded): input size from the images' own size and the
+  device (the whole frame, no centre crop), training length from the data size and the budget, the schedule
+  that follows from a known length, and the holdout on the smallest data;
 - :func:`after_measurement` (the policy's forward pass done): the LR from the plan and the measured domain
   gap, and the horizontal flip from whether a flipped image still probes as its own class.
 
@@ -302,14 +302,13 @@ def before_measurement(cfg: DictConfig, index, backbone_size: int, batch_rule: B
     size = int(values.get("data.image_size") or cfg.data.image_size or backbone_size)
     # The whole frame, upsampled or not: training and evaluation see the same view either way (no random crop
     # unless augmentation adds one); the pretrained 87.5% centre crop is an ImageNet evaluation habit. Measured
-    # (BENCHMARKS.md): higher on five upsampled grayscale sets; on the three colour sets shrunk to the input,
-    # zero-config +0.020 (stamps), +0.009 (clipart), -0.011 (clipart-20, where the wider view probes as a
-    # similar domain and the cell's linear probe trails fine-tuning).
+    # (BENCHMARKS.md): higher on five upsampled grayscale sets, and zero-config higher on the three colour sets
+    # shrunk to the input (stamps, clipart, clipart-20; with the little/similar cell's partial).
     scale = ("of unknown size" if side is None else f"upsampled ({side} -> {size} px)" if side < size
              else f"shrunk ({side} -> {size} px)")
     choose("data.crop_pct", 1.0, f"images are {scale}: the whole frame is kept, no centre crop (the pretrained "
-                                 f"87.5% crop cut content: higher with the whole frame on five upsampled sets and "
-                                 f"on two of three colour sets shrunk to the input, +0.006 on average there)")
+                                 f"87.5% crop cut content: the whole frame scored higher on five upsampled sets "
+                                 f"and on three colour sets shrunk to the input, +0.007 to +0.009 there)")
     choose("model.channels_last", True, "NHWC memory layout: the same results 1.3x faster on a CPU (BENCHMARKS.md), "
                                         "and the layout convolutions run fastest in on GPUs")
     batch = None
