@@ -41,9 +41,8 @@ MIN_STEPS_PER_EPOCH = 16
 # (3 seeds each), -0.017 at 117, -0.06 at 58; glyphs and Fashion-MNIST 200/class lost nothing at 83-156 steps
 # (BENCHMARKS.md, "data.batch_size=auto"). 500 keeps the cost on the most step-hungry set near 0.005.
 MIN_RUN_STEPS = 500
-# How the LR follows auto's batch unless lr_scaling is given: sqrt (for Adam-type optimizers, as recipe=auto's
-# AdamW). Linear (x16 at batch 512) ended at chance on the H200 and on the CPU; sqrt never diverged and beat an
-# unscaled LR at 64-256 (+0.0015 to +0.010)
+# How the LR follows auto's batch unless lr_scaling is given (the evidence: LR_SCALING_WHY, logged and written to
+# recipe.json; the unscaled-LR margins at 64-256 were +0.0015 to +0.010)
 LR_SCALING = "sqrt"
 LR_SCALING_WHY = ("the LR grows with the square root of the batch over 32 (the rule for Adam-type optimizers): "
                   "linearly (x16 at batch 512) it diverged to chance; sqrt never diverged and beat an unscaled LR at "

@@ -161,8 +161,13 @@ def budget_images(device: str, rules: Mapping[str, Any]) -> int:
     return int(rules["budgets"][device][budget]) if str(budget) in rules["budgets"][device] else int(budget)
 
 
+def budget_images_at(size: int, device: str, rules: Mapping[str, Any]) -> float:
+    """The budget as images seen at ``size`` px (the same compute as ``budget_images`` at ``budget_size``)."""
+    return budget_images(device, rules) * (int(rules["budget_size"]) / size) ** 2
+
+
 def _epochs_at(size: int, n_train: int, device: str, rules: Mapping[str, Any]) -> float:
-    return budget_images(device, rules) * (int(rules["budget_size"]) / size) ** 2 / max(1, n_train)
+    return budget_images_at(size, device, rules) / max(1, n_train)
 
 
 def fit_size_to_budget(size: int, n_train: int, device: str, rules: Mapping[str, Any]) -> tuple[int, str]:
@@ -188,7 +193,7 @@ def epochs_rule(n_train: int, device: str, rules: Mapping[str, Any], size: int) 
     epochs = max(lo, min(hi, round(_epochs_at(size, n_train, device, rules))))
     images = budget_images(device, rules)
     why = (f"budget={rules['budget']}: about {images:,} images seen at {int(rules['budget_size'])} px on "
-           f"{device.upper()} ({round(images * (int(rules['budget_size']) / size) ** 2):,} at {size} px) / "
+           f"{device.upper()} ({round(budget_images_at(size, device, rules)):,} at {size} px) / "
            f"{n_train:,} training images, within {lo}-{hi} epochs")
     return epochs, why
 
@@ -207,8 +212,7 @@ def global_batch(cfg: DictConfig, per_device: int | None = None) -> int:
 def _step_budget_images(n_train: int, device: str, rules: Mapping[str, Any], size: int) -> float | None:
     """Large data: the images a step-budget run sees (``max_stretch`` budgets at ``size``), when ``min_epochs``
     passes would cost more; None on data small enough for whole passes."""
-    budget = budget_images(device, rules) * (int(rules["budget_size"]) / size) ** 2
-    stretch = float(rules["max_stretch"])
+    budget, stretch = budget_images_at(size, device, rules), float(rules["max_stretch"])
     return budget * stretch if n_train * int(rules["min_epochs"]) > budget * stretch else None
 
 
@@ -235,7 +239,7 @@ def step_budget_rule(n_train: int, device: str, rules: Mapping[str, Any], size: 
     images = _step_budget_images(n_train, device, rules, size)
     if images is None:
         return None
-    budget = budget_images(device, rules) * (int(rules["budget_size"]) / size) ** 2
+    budget = budget_images_at(size, device, rules)
     lo, stretch = int(rules["min_epochs"]), float(rules["max_stretch"])
     saves = int(rules["step_budget_saves"])  # a multiple of the saves: the last one falls on the last step
     steps = saves * math.ceil(images / batch / saves)
