@@ -274,6 +274,30 @@ def test_quoted_glob_input(images):
         scan_inputs(f"{images}/*.txt")
 
 
+def test_inputs_keep_the_users_names_and_list_what_is_not_an_image(images, tmp_path, caplog):
+    """A symlinked image is predicted under the link's name (the name the user joins predictions on), a dangling
+    link is reported as one, and a file that is not an image is listed, not silently dropped."""
+    import logging
+
+    from finetune.data.datasets import scan_inputs
+    from finetune.data.images import BadImageError, load_image
+
+    target = min((images / CLASSES[0]).glob("*.png"))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a_link.png").symlink_to(target)
+    (inputs / "b_gone.png").symlink_to(tmp_path / "deleted.png")
+    (inputs / "c_notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        paths = scan_inputs(inputs)
+    assert paths == [str(inputs / "a_link.png"), str(inputs / "b_gone.png")]
+    assert "ignored 1 file(s) that are not images" in caplog.text and "c_notes.txt" in caplog.text
+    assert scan_inputs(inputs / "a_link.png") == [str(inputs / "a_link.png")]
+    assert load_image(paths[0]).shape[-1] == 3
+    with pytest.raises(BadImageError, match="dangling symlink"):
+        load_image(paths[1])
+
+
 def test_shell_split_argument_and_unquoted_tilde_are_explained():
     from hydra.errors import OverrideParseException
 

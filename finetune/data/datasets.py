@@ -7,6 +7,7 @@ measurement, datamodule, classes.json, checkpoints) reads the :class:`DatasetInd
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -204,13 +205,15 @@ def scan_dataset(
 
 
 def scan_inputs(path: str | Path, key: str = "input") -> list[str]:
-    """Images to predict on: one file, or every image under a folder (recursive)."""
+    """Images to predict on: one file, or every image under a folder (recursive), as absolute paths by the names
+    the user has (a symlink is not replaced by its target: predictions are joined back on those names, and a
+    dangling link is reported as one). Files under a folder that are not images are listed in the log."""
     p = Path(str(path)).expanduser()
     if not p.exists() and any(c in str(p) for c in "*?["):  # input='photos/*.jpg', quoted so the shell left it
         import glob
 
         matches = sorted(glob.glob(str(p), recursive=True))
-        images = [str(Path(m).resolve()) for m in matches
+        images = [os.path.abspath(m) for m in matches
                   if Path(m).is_file() and Path(m).suffix.lower() in IMAGE_EXTENSIONS]
         if not images:
             raise FinetuneError(f"{key}={p} matches no image files ({len(matches)} match(es) in all; images are "
@@ -221,8 +224,12 @@ def scan_inputs(path: str | Path, key: str = "input") -> list[str]:
     if p.is_file():
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
             raise FinetuneError(f"{key}={p} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-        return [str(p.resolve())]
-    images, _ = list_images(p)
+        return [os.path.abspath(p)]
+    images, other = list_images(p)
     if not images:
         raise FinetuneError(f"{key}={p} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-    return [str(i.resolve()) for i in images]
+    if other:
+        log.warning("%s=%s: ignored %d file(s) that are not images (%s): %s%s", key, p, len(other),
+                    ", ".join(sorted(IMAGE_EXTENSIONS)), ", ".join(str(o) for o in other[:5]),
+                    " ..." if len(other) > 5 else "")
+    return [os.path.abspath(i) for i in images]
