@@ -308,6 +308,27 @@ def test_an_image_too_large_to_decode_safely_is_named_so_not_corrupt(tmp_path):
     assert "225 megapixels, over PIL's limit of 179" in entry["detail"] and "smaller copy" in entry["detail"]
 
 
+def test_a_camera_size_jpeg_is_checked_at_a_reduced_scale_with_its_full_size_and_truncation_found(tmp_path):
+    """The check decodes JPEGs at 1/8 scale (4x faster on camera photos); what it reports must not change:
+    the image's full size, and truncation anywhere in the compressed stream."""
+    from PIL import Image
+    from skimage.data import chelsea
+
+    from finetune.data.file_checks import check_file
+
+    photo = Image.fromarray(chelsea()).resize((2400, 1600), Image.BICUBIC)  # a real photo at a camera's size
+    for name, options in (("baseline.jpg", {}), ("progressive.jpg", {"progressive": True})):
+        path = tmp_path / name
+        photo.save(path, quality=90, **options)
+        result = check_file(str(path))
+        assert result["kind"] is None and (result["width"], result["height"]) == (2400, 1600)
+        data = path.read_bytes()
+        for keep in (0.5, 0.995):
+            cut = tmp_path / f"cut_{keep}_{name}"
+            cut.write_bytes(data[:int(len(data) * keep)])
+            assert check_file(str(cut))["kind"] == "truncated", (name, keep)
+
+
 def test_images_next_to_class_folders_are_reported_not_dropped_silently(tmp_path, caplog):
     root = tmp_path / "images"
     _images(root, 2)
