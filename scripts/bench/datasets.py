@@ -5,8 +5,8 @@
   validation images) training images per class; the same 10
   validation and 200 test images per class in all four (the test draw does not depend on the training
   size: make_demo_data draws it from the official test file with a fixed seed).
-- ``fmnist-longtail``, ``glyphs-longtail``: fmnist-200's / glyphs-all's training images cut to a long tail
-  (200, 133, 88, ..., 5 per class: ratio 40), with the source's balanced val / test splits: the imbalance
+- ``fmnist-longtail``, ``glyphs-longtail``, ``clipart-longtail``: fmnist-200's / glyphs-all's / clipart's training
+  images cut to a long tail (200 ... 5 per class: ratio 40), with the source's val / test splits: the imbalance
   benchmark.
 - ``fmnist-pairs`` (multi-label): two Fashion-MNIST items side by side, labelled with both classes (labels.csv);
   ``fmnist-pairs-longtail`` the same with long-tailed classes; ``emoji-pairs`` two colour emoji of emoji-objects.
@@ -62,7 +62,8 @@ def _write_digits(out: Path, seed: int = 0) -> None:
                 Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"{i:04d}.png")
 
 
-LONGTAIL_SOURCES = {"fmnist-longtail": "fmnist-200", "glyphs-longtail": "glyphs-all"}
+LONGTAIL_SOURCES = {"fmnist-longtail": "fmnist-200", "glyphs-longtail": "glyphs-all", "clipart-longtail": "clipart"}
+LONGTAIL_BY_SIZE = {"clipart-longtail"}  # classes of unequal size: the tail follows their size
 SUBSETS = {"clipart-20": ("clipart", 20), "clipart-5": ("clipart", 5)}  # small colour sets of that domain: n per class
 
 
@@ -79,12 +80,15 @@ def _write_subset(out: Path, source: Path, per_class: int, seed: int = 0) -> Non
     shutil.copytree(source / "test", out / "test")
 
 
-def _write_longtail(out: Path, source: Path, largest: int = 200, smallest: int = 5) -> None:
-    """A long tail cut from a balanced set: class k (in folder order) keeps largest x (smallest/largest)^(k/9)
-    of its training images (200, 133, 88, ..., 5: ratio 40); the source's balanced val / test splits."""
+def _write_longtail(out: Path, source: Path, largest: int = 200, smallest: int = 5, by_size: bool = False) -> None:
+    """A long tail cut from a set: class k keeps largest x (smallest/largest)^(k/(K-1)) of its training images
+    (10 classes: 200, 133, 88, ..., 5; ratio 40), k in folder order, or with ``by_size`` (clipart: 43-280 per
+    class) from the largest class down, so each has what it keeps; the source's val / test splits (balanced for
+    fmnist and glyphs; clipart's is not: read test/balanced_acc there)."""
     import shutil
 
-    classes = sorted(p.name for p in (source / "train").iterdir())
+    counts = {p.name: len(list(p.iterdir())) for p in (source / "train").iterdir()}
+    classes = sorted(counts, key=lambda c: (-counts[c], c)) if by_size else sorted(counts)
     for k, name in enumerate(classes):
         keep = round(largest * (smallest / largest) ** (k / (len(classes) - 1)))
         files = sorted((source / "train" / name).iterdir())[:keep]
@@ -189,7 +193,7 @@ def build(root: Path, names: list[str]) -> dict[str, Path]:
                 _write_digits(out)
             elif name in LONGTAIL_SOURCES:
                 source = LONGTAIL_SOURCES[name]
-                _write_longtail(out, build(root, [source])[source])
+                _write_longtail(out, build(root, [source])[source], by_size=name in LONGTAIL_BY_SIZE)
             elif name in SUBSETS:
                 source, per_class = SUBSETS[name]
                 _write_subset(out, build(root, [source])[source], per_class)
