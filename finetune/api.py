@@ -152,6 +152,25 @@ def _as_array(image: Any, where: str) -> np.ndarray:
     raise FinetuneError(f"{where} is a {type(image).__name__}; pass a PIL image, a uint8 array or an image path.")
 
 
+def _image_items(images: Any) -> list[Any]:
+    """What predict / features take, as a list of single images: one path, PIL image or array; a list of them;
+    or one uint8 batch array, N x H x W x C or N x H x W (the layouts fit((images, labels)) takes, e.g. X_test)."""
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            return list(images)
+        if images.ndim == 3 and images.shape[2] not in (1, 3, 4):  # not H x W x C
+            if images.shape[0] in (1, 3):
+                raise FinetuneError(
+                    f"images has shape {images.shape}: one channels-first image (torch's C x H x W) or "
+                    f"{images.shape[0]} grayscale images? Pass np.moveaxis(images, 0, -1) for the image (H x W x C), "
+                    f"or list(images) for the grayscale images.")
+            return list(images)  # N grayscale H x W images
+        return [images]
+    if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)
+
+
 def _write_in_memory(data: tuple, folder: Path) -> Path:
     """``(images, labels)`` written as ``folder/<label>/NNNNN.png``, so training reads files like any folder (and
     the run can be resumed or repeated from them). One channel layout and one image size for all, or an error."""
@@ -346,8 +365,7 @@ class Model:
 
         pp = self._loaded.preprocessing
         transform = eval_transform(pp)
-        # one path, PIL image or array (not a Sequence), or a list of them
-        items = [images] if isinstance(images, (str, Path)) or not isinstance(images, Sequence) else list(images)
+        items = _image_items(images)
         entries: list[tuple[str, Any]] = []
         for i, item in enumerate(items):
             if isinstance(item, (str, Path)):
@@ -406,7 +424,8 @@ class Model:
 
     def predict(self, images: Any, topk: int = 1, as_frame: bool | None = None, batch_size: int = 64,
                 unknown: Any = "off") -> Any:
-        """Top-k labels and probabilities per image: a pandas DataFrame (when pandas is installed, or
+        """Top-k labels and probabilities per image (``images``: paths, a folder, PIL images, arrays, or one
+        N x H x W x C / N x H x W uint8 batch array): a pandas DataFrame (when pandas is installed, or
         ``as_frame=True``) or a list of dicts; columns as finetune-predict's CSV (path, label, probability,
         label_i/prob_i, error; multi-label: labels and probabilities of every class at or above its threshold). An
         unreadable file gets an empty label and its error. ``unknown``: off, auto or a share P, as finetune-predict's:

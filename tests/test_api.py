@@ -67,6 +67,14 @@ def test_readme_python_example_end_to_end(tmp_path):
     by_array = model.predict([np.asarray(Image.open(p)) for p in paths], topk=2, as_frame=False)
     assert [r["label"] for r in by_path] == [r["label"] for r in by_pil] == [r["label"] for r in by_array]
     assert by_path[0]["prob_1"] == pytest.approx(by_pil[0]["prob_1"], abs=1e-6)
+    # one batch array, as notebooks hold their data (N x H x W x 3, or N x H x W grayscale like digits' X)
+    batch = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    by_batch = model.predict(batch, topk=2, as_frame=False)
+    assert [r["label"] for r in by_batch] == [r["label"] for r in by_path]
+    assert by_batch[0]["prob_1"] == pytest.approx(by_path[0]["prob_1"], abs=1e-6)
+    assert len(model.predict(batch[..., 0], as_frame=False)) == 6 and model.features(batch).shape == (6, 1280)
+    with pytest.raises(finetune.FinetuneError, match="channels-first image"):
+        model.predict(np.moveaxis(batch[0], -1, 0))
     assert set(by_path[0]) == {"path", "label", "probability", "label_1", "prob_1", "label_2", "prob_2", "error"}
     frame = model.predict(run.dir / "images", as_frame=True)
     assert len(frame) == 60 and list(frame.columns[:3]) == ["path", "label", "probability"]
