@@ -461,8 +461,16 @@ class Model:
         return _as_frame(rows, as_frame)
 
     def evaluate(self, data: Any, split: str = "auto", batch_size: int = 64) -> dict[str, Any]:
-        """Accuracy and loss on a labelled folder or CSV (its test split, else val, else all images),
-        as finetune-eval computes them (no file written)."""
+        """Accuracy and loss on a labelled folder or CSV (its test split, else val, else all images), or on
+        ``(images, labels)`` in memory as fit takes them, as finetune-eval computes them (no file kept)."""
+        if isinstance(data, tuple):  # written to a temporary class-folder tree, the layout fit writes them in
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="finetune-evaluate-") as tmp:
+                return self.evaluate(_write_in_memory(data, Path(tmp)), split, batch_size)
+        if not isinstance(data, (str, Path)):
+            raise FinetuneError(f"data is a {type(data).__name__}; pass a labelled folder or CSV path, or "
+                                f"(images, labels).")
         from finetune.data.datasets import scan_dataset
         from finetune.inference import _split_samples, _split_to_score
         from finetune.members import device_for, member_probabilities, score_probabilities

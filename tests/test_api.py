@@ -81,6 +81,11 @@ def test_readme_python_example_end_to_end(tmp_path):
 
     scores = model.evaluate(run.dir / "images")
     assert scores["images"] == 60 and 0.0 <= scores["acc"] <= 1.0
+    in_memory = model.evaluate((images, labels))  # the arrays fit was given: the same 60 images, the same scores
+    assert in_memory["images"] == 60 and in_memory["acc"] == pytest.approx(scores["acc"])
+    assert in_memory["loss"] == pytest.approx(scores["loss"], abs=1e-5)
+    with pytest.raises(finetune.FinetuneError, match="pass a labelled folder or CSV path, or"):
+        model.evaluate(images)
     assert model.features(paths).shape == (6, 1280)
     exported = model.export("hf", tmp_path / "hf")
     assert (tmp_path / "hf" / "config.json").is_file() and exported["classes"] == model.classes
