@@ -467,7 +467,10 @@ class Model:
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="finetune-evaluate-") as tmp:
-                return self.evaluate(_write_in_memory(data, Path(tmp)), split, batch_size)
+                try:
+                    return self.evaluate(_write_in_memory(data, Path(tmp)), split, batch_size)
+                except FinetuneError as e:  # about the labels given, not a folder the user never saw
+                    raise FinetuneError(str(e).replace(f"data.root={tmp}", "data (in memory)")) from None
         if not isinstance(data, (str, Path)):
             raise FinetuneError(f"data is a {type(data).__name__}; pass a labelled folder or CSV path, or "
                                 f"(images, labels).")

@@ -86,6 +86,9 @@ def test_readme_python_example_end_to_end(tmp_path):
     assert in_memory["loss"] == pytest.approx(scores["loss"], abs=1e-5)
     with pytest.raises(finetune.FinetuneError, match="pass a labelled folder or CSV path, or"):
         model.evaluate(images)
+    with pytest.raises(finetune.FinetuneError, match=r"^data \(in memory\) has classes the checkpoint does not know: "
+                                                      r"cat\. The checkpoint's classes: digit0"):
+        model.evaluate((images[:2], ["digit0", "cat"]))
     assert model.features(paths).shape == (6, 1280)
     exported = model.export("hf", tmp_path / "hf")
     assert (tmp_path / "hf" / "config.json").is_file() and exported["classes"] == model.classes
