@@ -268,7 +268,7 @@ def fit(data: Any, /, overrides: Sequence[str] = (), **options: Any) -> Run:
     OVERRIDES`` would, and return the run. ``run_dir=`` names the folder (default outputs/<date>/<time>)."""
     from omegaconf import OmegaConf
 
-    from finetune.config_checks import check_data_root, check_train_config
+    from finetune.config_checks import check_data_root, check_run_dir_outside_data, check_train_config
 
     if not isinstance(data, (str, Path, tuple)):
         raise FinetuneError(f"data is a {type(data).__name__}; pass a folder or CSV path, or (images, labels).")
@@ -280,6 +280,8 @@ def fit(data: Any, /, overrides: Sequence[str] = (), **options: Any) -> Run:
 
     in_memory = run_dir / IN_MEMORY_IMAGES
     root = str(in_memory) if isinstance(data, tuple) else str(data)
+    if not isinstance(data, tuple):
+        check_run_dir_outside_data(run_dir, root)
     first = [f"data.root={_value(root, 'data')}", f"run_dir={_value(str(run_dir), 'run_dir')}"]
     with _composed("train", [*first, *given]) as cfg:
         if not cfg.resume:

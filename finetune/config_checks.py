@@ -264,3 +264,19 @@ def check_data_root(root: Any, key: str = "data.root") -> Path:
     if path.is_file() and path.suffix.lower() != ".csv":
         raise FinetuneError(f"{key}={path} is a file but not a .csv; pass a folder of images or a CSV of path,label.")
     return path
+
+
+def check_run_dir_outside_data(run_dir: Any, data_root: Any) -> None:
+    """A run folder among the images (run_dir_in_data) is refused before anything is written: its checkpoints and
+    logs would be mixed into the data, and the next scan would read it as a class with no images. ``run_dir``
+    None: the default outputs/<date>/<time> under the current folder."""
+    from finetune.run_folder import run_dir_in_data
+
+    if not run_dir_in_data(run_dir if run_dir not in (None, "") else Path.cwd() / "outputs", data_root):
+        return
+    where = (f"run_dir={run_dir} is" if run_dir not in (None, "") else
+             f"The run's default folder (outputs/<date>/<time> in the current folder, {Path.cwd()}) is")
+    raise FinetuneError(f"{where} inside data.root={data_root}: the run's checkpoints and logs would be mixed with "
+                        f"the images, and the next run would read its folder as a class. Pass a run_dir outside "
+                        f"the data (e.g. run_dir={Path(str(data_root)).expanduser().absolute().parent / 'runs'}"
+                        f"/NAME){'' if run_dir not in (None, '') else ', or start finetune from another folder'}.")

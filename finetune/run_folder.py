@@ -39,13 +39,32 @@ def run_folder_of(resume: Any) -> Path | None:
     return None
 
 
-def hydra_run_dir(run_dir: Any, resume: Any, default: str) -> str:
+def run_dir_in_data(run_dir: Any, data_root: Any) -> bool:
+    """Whether a run folder would sit where the data scan reads: data.root itself, anywhere under it (class
+    folders: each sub-folder is a class), or inside its train/val/test folders. Its files would be mixed with the
+    user's images, and the next run would read the run folder as a class with no images."""
+    if run_dir in (None, "") or data_root in (None, "") or not Path(str(data_root)).expanduser().is_dir():
+        return False
+    root = Path(str(data_root)).expanduser()
+    run, real_root = Path(os.path.realpath(Path(str(run_dir)).expanduser())), Path(os.path.realpath(root))
+    if run == real_root or not run.is_relative_to(real_root):
+        return run == real_root
+    from finetune.data.folders import find_split_dir
+
+    splits = [d for d in (find_split_dir(root, s) for s in ("train", "val", "test")) if d is not None]
+    return not splits or any(run.is_relative_to(os.path.realpath(d)) for d in splits)
+
+
+def hydra_run_dir(run_dir: Any, resume: Any, default: str, data_root: Any = None) -> str:
     """Hydra's run dir (its .hydra/ and job log): run_dir, else the folder ``resume`` continues in, else
-    ``default``. One Hydra could not write to is swapped for a temp folder, so that finetune itself reports
-    it (naming run_dir) instead of Hydra's logging setup failing with a traceback."""
+    ``default``. One Hydra could not write to, or one among the images of ``data_root`` (run_dir_in_data), is
+    swapped for a temp folder, so that finetune itself reports it (naming run_dir) instead of Hydra's logging
+    setup failing with a traceback, or Hydra's files landing in the user's data."""
     chosen = str(run_dir) if run_dir not in (None, "") else str(run_folder_of(resume) or default)
-    probe = Path(chosen).expanduser().absolute()
     fallback = str(Path(tempfile.gettempdir()) / f"{HYDRA_FALLBACK_PREFIX}{os.getpid()}")
+    if resume in (None, "") and run_dir_in_data(chosen, data_root):
+        return fallback
+    probe = Path(chosen).expanduser().absolute()
     while not probe.exists() and probe != probe.parent:
         if probe.is_symlink():  # a link to nowhere: Hydra's mkdir would fail with FileExistsError
             return fallback

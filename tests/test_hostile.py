@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, CLASSES, FAST, assert_user_error, image_folders, make_cfg, run_cli, write_images
 
+from finetune.api import fit
 from finetune.config import check_known_keys, validate_train_config
 from finetune.errors import FinetuneError
 from finetune.inference import evaluate
@@ -361,3 +362,35 @@ def test_one_bad_job_does_not_stop_a_sweep(tmp_path):
     with open(tmp_path / "sweep" / "sweep_summary.csv") as f:
         rows = {row["job"]: row for row in csv.DictReader(f)}
     assert rows["0"]["status"] == "failed" and rows["1"]["status"] == "done"
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_run_folder_among_the_images_is_refused_before_anything_is_written(tmp_path):
+    """run_dir inside data.root (or the default outputs/ when finetune is started from the data folder) would mix
+    checkpoints into the data and make the next scan read the run folder as a class with no images."""
+    data = image_folders(tmp_path / "photos", 3)
+    before = _tree(data)
+    for run_dir in (data, data / "runs" / "first", data / CLASSES[0]):
+        result = run_cli("finetune", f"data.root={data}", f"run_dir={run_dir}", cwd=tmp_path)
+        assert_user_error(result, f"run_dir={run_dir} is inside data.root={data}", f"run_dir={tmp_path / 'runs'}/NAME")
+    result = run_cli("finetune", "data.root=.", cwd=data)  # started from inside the data: the default outputs/
+    assert_user_error(result, "default folder (outputs/<date>/<time> in the current folder", "from another folder")
+    assert _tree(data) == before  # no .hydra, log or lock left among the images
+    with pytest.raises(FinetuneError, match="is inside data.root"):
+        fit(data, run_dir=data / "runs" / "api")
+    assert _tree(data) == before
+
+
+def test_a_run_folder_beside_the_split_folders_is_allowed(tmp_path):
+    """With train/val/test folders only those are read, so data.root/runs/NAME is outside the data."""
+    from finetune.run_folder import run_dir_in_data
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        image_folders(root / split, 1)
+    assert not run_dir_in_data(root / "runs" / "a", root) and not run_dir_in_data(tmp_path / "elsewhere", root)
+    assert run_dir_in_data(root / "train" / "runs", root) and run_dir_in_data(root, root)
+    assert run_dir_in_data(root / "test" / CLASSES[0], root)

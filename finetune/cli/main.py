@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
 from finetune.cli.streams import exit_with, interrupted, log_to_closed_pipe, lossless_text_output, reader_gone
-from finetune.config_checks import check_data_root, check_train_config
+from finetune.config_checks import check_data_root, check_run_dir_outside_data, check_train_config
 from finetune.config_keys import check_known_keys
 from finetune.errors import FinetuneError, close_matches
 from finetune.task import task_monitor
@@ -229,7 +229,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
 def _check_train_start(cfg: DictConfig) -> None:
     check_train_config(cfg)
-    check_data_root(OmegaConf.select(cfg, "data.root", throw_on_missing=False))
+    root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)
+    check_data_root(root)
+    check_run_dir_outside_data(cfg.run_dir, root)
 
 
 @_config_errors_exit_2
