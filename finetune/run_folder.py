@@ -47,8 +47,10 @@ def run_dir_in_data(run_dir: Any, data_root: Any) -> bool:
         return False
     root = Path(str(data_root)).expanduser()
     run, real_root = Path(os.path.realpath(Path(str(run_dir)).expanduser())), Path(os.path.realpath(root))
-    if run == real_root or not run.is_relative_to(real_root):
-        return run == real_root
+    if run == real_root:
+        return True
+    if not run.is_relative_to(real_root):
+        return False
     from finetune.data.folders import find_split_dir
 
     splits = [d for d in (find_split_dir(root, s) for s in ("train", "val", "test")) if d is not None]
