@@ -171,7 +171,7 @@ def _image_items(images: Any) -> list[Any]:
     return list(images)
 
 
-def _write_in_memory(data: tuple, folder: Path) -> Path:
+def _write_in_memory(data: tuple, folder: Path, min_classes: int = 1) -> Path:
     """``(images, labels)`` written as ``folder/<label>/NNNNN.png``, so training reads files like any folder (and
     the run can be resumed or repeated from them). One channel layout and one image size for all, or an error."""
     from PIL import Image
@@ -198,6 +198,9 @@ def _write_in_memory(data: tuple, folder: Path) -> Path:
                             f"in-memory images must share one size (resize them first), or write them to class "
                             f"folders and pass the folder.")
     names = [str(label) for label in labels]
+    if len(set(names)) < min_classes:  # fit: a classifier needs 2 (evaluate may score one class's images)
+        raise FinetuneError(f"data: every label is {names[0]!r}: a classifier needs at least {min_classes} classes; "
+                            f"give the images of each class their own label.")
     bad = [n for n in names if not n or n in (".", "..") or "/" in n or "\\" in n]
     if bad:
         raise FinetuneError(f"data: label {bad[0]!r} cannot name a class folder; use labels without slashes.")
@@ -298,7 +301,7 @@ def fit(data: Any, /, overrides: Sequence[str] = (), **options: Any) -> Run:
                 import shutil
 
                 shutil.rmtree(in_memory)
-            _write_in_memory(data, in_memory)
+            _write_in_memory(data, in_memory, min_classes=2)
         if not cfg.resume:
             check_data_root(OmegaConf.select(cfg, "data.root", throw_on_missing=False))
         with _logging_to(run_dir):

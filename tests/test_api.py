@@ -125,6 +125,9 @@ def test_bad_input_gets_the_cli_errors(tmp_path, monkeypatch):
         finetune.fit((images, labels), trainer={"max_epochs": "ten"}, run_dir=tmp_path / "c")
     with pytest.raises(FinetuneError, match="12 images but 11 labels"):
         finetune.fit((images, labels[:-1]), run_dir=tmp_path / "d")
+    with pytest.raises(FinetuneError, match="every label is 'digit0': a classifier needs at least 2 classes"):
+        finetune.fit((images, ["digit0"] * len(images)), run_dir=tmp_path / "d1")
+    assert not (tmp_path / "d1" / "images").exists()
 
     mixed = [*images[:-1], np.zeros((16, 16), np.uint8)]
     with pytest.raises(FinetuneError, match=r"images\[0\] is 8x8 but images\[11\] is 16x16"):
