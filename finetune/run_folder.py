@@ -43,9 +43,9 @@ def run_dir_in_data(run_dir: Any, data_root: Any) -> bool:
     """Whether a run folder would sit where the data scan reads: data.root itself, anywhere under it (class
     folders: each sub-folder is a class), or inside its train/val/test folders. Its files would be mixed with the
     user's images, and the next run would read the run folder as a class with no images."""
-    if run_dir in (None, "") or data_root in (None, "") or not Path(str(data_root)).expanduser().is_dir():
+    root = Path(str(data_root)).expanduser() if data_root not in (None, "") else None
+    if run_dir in (None, "") or root is None or not root.is_dir():
         return False
-    root = Path(str(data_root)).expanduser()
     run, real_root = Path(os.path.realpath(Path(str(run_dir)).expanduser())), Path(os.path.realpath(root))
     if run == real_root:
         return True

@@ -195,11 +195,7 @@ def scan_dataset(
     if to_carve:
         carved = stratified_split(splits["train"], to_carve, seed)
         splits = {**splits, **carved}
-    if ignored:
-        log.warning(
-            "Ignored %d file(s) that are not images (%s): %s%s", len(ignored), ", ".join(sorted(IMAGE_EXTENSIONS)),
-            ", ".join(ignored[:5]), " ..." if len(ignored) > 5 else "",
-        )
+    _warn_not_images(ignored)
     order = [s for s in ("train", "val", "test") if s in splits]
     return DatasetIndex(str(root), layout, classes, {s: splits[s] for s in order}, ignored, problems, task)
 
@@ -228,8 +224,13 @@ def scan_inputs(path: str | Path, key: str = "input") -> list[str]:
     images, other = list_images(p)
     if not images:
         raise FinetuneError(f"{key}={p} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-    if other:
-        log.warning("%s=%s: ignored %d file(s) that are not images (%s): %s%s", key, p, len(other),
-                    ", ".join(sorted(IMAGE_EXTENSIONS)), ", ".join(str(o) for o in other[:5]),
-                    " ..." if len(other) > 5 else "")
+    _warn_not_images([str(o) for o in other], f"{key}={p}")
     return [os.path.abspath(i) for i in images]
+
+
+def _warn_not_images(files: list[str], where: str = "") -> None:
+    """List the files a scan left out for not being images (the first five), so none is dropped unsaid."""
+    if files:
+        log.warning("%s %d file(s) that are not images (%s): %s%s", f"{where}: ignored" if where else "Ignored",
+                    len(files), ", ".join(sorted(IMAGE_EXTENSIONS)), ", ".join(files[:5]),
+                    " ..." if len(files) > 5 else "")
