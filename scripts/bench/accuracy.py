@@ -212,7 +212,7 @@ def run_all(sets: list[str], seeds: list[int], policies: list[str], workers: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["fmnist-10", "fmnist-50", "fmnist-200", "digits", "stamps",
-                                                       "emoji-objects", "glyphs"])
+                                                       "emoji-objects", "glyphs", "terrain"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--policies", nargs="+", default=[p for p in POLICIES if p != "scratch"],
                         choices=list(POLICIES))

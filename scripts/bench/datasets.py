@@ -18,6 +18,8 @@
   ``scripts/bench/real_sets.py``, which says where each comes from and what to install.
 - ``clipart``: the large colour set (Open Clip Art Library, 12 categories, 2,096 training images; real_sets.py);
   ``clipart-20``: 20 of them per class (seeded), the same test split: the small colour set of that domain.
+- ``terrain``: aerial photographs of 11 land covers (FlightGear's terrain textures, 64 px patches, 50 train / 60
+  test per class, split by photograph; real_sets.py): natural colour imagery of a domain far from ImageNet's.
 """
 
 from __future__ import annotations

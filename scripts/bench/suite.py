@@ -4,7 +4,7 @@ Writes bench_results/*.json and rewrites the generated part of BENCHMARKS.md.
 
     .venv/bin/python scripts/bench/suite.py [--quick] [--accuracy-only] [--no-write]
 
-Full: 3 seeds x 7 datasets x 8 columns (zero-config, auto and the six fixed policies; `scratch` is left
+Full: 3 seeds x 8 datasets x 8 columns (zero-config, auto and the six fixed policies; `scratch` is left
 out to save time: `accuracy.py --policies ... scratch` runs it), overhead over 2 rounds.
 --quick: seed 0, two datasets (fmnist-10, stamps), three columns (zero-config, linear_probe, full; no
 scratch), a small budget (recipe.budget=500), one round of everything (~5 min): a smoke run of the same
@@ -38,7 +38,7 @@ import overhead
 import render
 import scale
 
-FULL_SETS = ["fmnist-10", "fmnist-50", "fmnist-200", "digits", "stamps", "emoji-objects", "glyphs"]
+FULL_SETS = ["fmnist-10", "fmnist-50", "fmnist-200", "digits", "stamps", "emoji-objects", "glyphs", "terrain"]
 FULL_POLICIES = [accuracy.ZERO, "auto", "linear_probe", "stage_probe", "partial", "full", "lp_ft", "gradual"]
 MODES = {
     "full": {"loader": {"sizes": [64, 224], "images": 200, "rounds": 3},
