@@ -39,7 +39,8 @@ Every split is drawn with a fixed seed, so a rebuild gives the same files.
   region: same name stem or 32 px thumbnails correlating above 0.8) form one group, and groups are split
   40/60 between test and train, so test patches come from photographs never seen in training. Each image is
   a random square of a quarter of its texture's side (at least 128 px) shrunk to 64x64 RGB (EuroSAT's size):
-  50 train / 60 test per class, 3-32 texture groups per class.
+  50 train / 60 test per class, 3-32 texture groups per class. ``terrain-128``: the same patches written at
+  128 px (the same photographs as sharper files: how the input-size rule trades resolution for epochs).
 
 Install on a fresh Debian 12 machine (root; then the pip line into the project venv):
 
@@ -474,6 +475,8 @@ def _texture_groups(files: list[Path], min_corr: float = 0.8) -> list[list[Path]
 
 def write_terrain(out: Path, seed: int = 0, train_per_class: int = 50, test_per_class: int = 60,
                   test_frac: float = 0.4, size: int = 64) -> None:
+    """Per class, texture groups split between test and train, then patches drawn round-robin over each side's
+    textures (test first, so ``size`` changes the pixels written, not which patches)."""
     rng = np.random.default_rng(seed)
     for label, files in _terrain_files().items():
         groups = _texture_groups(files)
