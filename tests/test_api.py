@@ -7,6 +7,7 @@ import json
 import logging
 import struct
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,22 +172,33 @@ def _wandb_records(path: Path) -> Iterator[bytes]:
             pending = b""
 
 
-def _wandb_history(run_folder: Path) -> tuple[list[dict], list[str]]:
-    """The metrics rows and artifact names recorded in an offline W&B run."""
+def _wandb_history(run_folder: Path, wait_s: float = 60.0) -> tuple[list[dict], list[str]]:
+    """The metrics rows and artifact names recorded in an offline W&B run. W&B's writer process may still be
+    writing the file after the run was finished (a fresh CI machine once read it with no rows yet): read it again
+    until it holds the run's exit record, which is written last."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
 
     (record_file,) = list(run_folder.glob("wandb/offline-run-*/run-*.wandb"))
-    rows, artifacts = [], []
-    for data in _wandb_records(record_file):
-        record = pb.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
-        elif kind == "artifact":
-            artifacts.append(record.artifact.name)
-    return rows, artifacts
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows, artifacts, ended = [], [], False
+        for data in _wandb_records(record_file):
+            record = pb.Record()
+            try:
+                record.ParseFromString(data)
+            except DecodeError:  # the record being written: read the file again
+                break
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+            elif kind == "artifact":
+                artifacts.append(record.artifact.name)
+            ended |= kind == "exit"
+        if ended or time.monotonic() > deadline:
+            return rows, artifacts
+        time.sleep(0.5)
 
 
 def test_wandb_offline_run_holds_the_metrics_and_the_run_files(tmp_path, monkeypatch):
