@@ -137,7 +137,7 @@ def test_a_lost_rank_stops_the_run_with_the_checkpoint_to_resume_from_and_resume
     parent = subprocess.Popen(
         [str(Path(sys.executable).parent / "finetune"), f"data.root={root}", *common, "trainer.max_epochs=500",
          "data.batch_size=4", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-         f"run_dir={run}", f"ddp_timeout_s={5 if how == 'hung' else 300}"],
+         f"run_dir={run}", f"ddp_timeout_s={20 if how == 'hung' else 300}"],
         # files, not pipes: a stopped rank keeps its inherited pipe ends open, and reading them would wait for it
         cwd=tmp_path, stdout=(tmp_path / "out.log").open("w"), stderr=(tmp_path / "err.log").open("w"))
     last = run / "checkpoints" / "last.ckpt"
