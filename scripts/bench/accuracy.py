@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets
 
 ZERO = "zero-config"
+# The rows of the generated accuracy table (suite.py's full run uses the same list)
+SETS = ["fmnist-10", "fmnist-50", "fmnist-200", "digits", "stamps", "emoji-objects", "glyphs", "terrain"]
 # Column -> overrides on top of the hand recipe. `scratch` is a full fine-tune from random weights.
 POLICIES = {
     ZERO: [],  # its own overrides: zero_config_overrides()
@@ -211,8 +213,7 @@ def run_all(sets: list[str], seeds: list[int], policies: list[str], workers: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", nargs="+", default=["fmnist-10", "fmnist-50", "fmnist-200", "digits", "stamps",
-                                                       "emoji-objects", "glyphs", "terrain"])
+    parser.add_argument("--sets", nargs="+", default=SETS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--policies", nargs="+", default=[p for p in POLICIES if p != "scratch"],
                         choices=list(POLICIES))

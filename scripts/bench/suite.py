@@ -38,7 +38,7 @@ import overhead
 import render
 import scale
 
-FULL_SETS = ["fmnist-10", "fmnist-50", "fmnist-200", "digits", "stamps", "emoji-objects", "glyphs", "terrain"]
+FULL_SETS = accuracy.SETS
 FULL_POLICIES = [accuracy.ZERO, "auto", "linear_probe", "stage_probe", "partial", "full", "lp_ft", "gradual"]
 MODES = {
     "full": {"loader": {"sizes": [64, 224], "images": 200, "rounds": 3},
